@@ -1,0 +1,2 @@
+//! `cargo vm` (being written).
+fn main() {}
