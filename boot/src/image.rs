@@ -20,6 +20,9 @@ pub fn create_uefi_image(kernel: &Path, cmdline: Option<&str>, out: &Path) -> Re
     let mut config = bootloader::BootConfig::default();
     config.log_level = bootloader_boot_config::LevelFilter::Warn;
     boot.set_boot_config(&config);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let ramdisk;
     if let Some(cmdline) = cmdline {
         if cmdline.len() > MAX_CMDLINE {
@@ -28,9 +31,6 @@ pub fn create_uefi_image(kernel: &Path, cmdline: Option<&str>, out: &Path) -> Re
         ramdisk = with_extension_suffix(out, "cmdline");
         std::fs::write(&ramdisk, cmdline)?;
         boot.set_ramdisk(&ramdisk);
-    }
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
     }
     boot.create_disk_image(out)
         .map_err(|e| err!("making the UEFI disk image {}: {e:#}", out.display()))
