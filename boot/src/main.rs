@@ -36,6 +36,8 @@ enum Cmd {
         #[arg(long)]
         tcg: bool,
     },
+    /// Check that QEMU and OVMF are installed, installing them with apt-get as root.
+    Deps,
     /// Build the kernel and write the raw UEFI image and the Hyper-V Gen2 VHDX (and, with --vhd, Azure's fixed VHD).
     Image {
         /// Output directory (default: target/boot/images).
@@ -87,6 +89,16 @@ fn real_main(cli: Cli) -> boot::Result<ExitCode> {
                 Exit::GuestSuccess | Exit::Qemu(0) => ExitCode::SUCCESS,
                 _ => ExitCode::FAILURE,
             })
+        }
+        Cmd::Deps => {
+            let tools = deps::ensure_tools()?;
+            println!("qemu: {}", tools.qemu.display());
+            println!("ovmf: {} + {}", tools.ovmf.code.display(), tools.ovmf.vars.display());
+            match Accel::probe() {
+                Accel::Kvm => println!("accelerator: KVM with Hyper-V SynIC"),
+                Accel::Tcg { reason } => println!("accelerator: TCG ({reason})"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Image { out, vhd, cmdline } => {
             let kernel = build_kernel(Profile::Release)?;
