@@ -1,7 +1,8 @@
 //! VMBus for bare-metal Rust kernels.
 //!
 //! This crate holds everything about Hyper-V's VMBus that does not touch a register: the Top-Level Functional
-//! Specification definitions ([`hv`]), the VMBus control protocol ([`protocol`]) and the ring buffers ([`ring`]).
+//! Specification definitions ([`hv`]), the VMBus control protocol ([`protocol`]), the ring buffers ([`ring`]) and
+//! the guest side of the bus ([`client`]).
 //! Hardware is reached only through small traits, so the whole crate runs and is tested on the host.
 //!
 //! The facts it implements are collected, with their sources, in the project's reference notes
@@ -14,3 +15,4 @@ extern crate alloc;
 pub mod hv;
 pub mod protocol;
 pub mod ring;
+pub mod client;
