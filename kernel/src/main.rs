@@ -2,18 +2,22 @@
 //!
 //! `kmain` only sequences bring-up; each step lives in its module. What the kernel does after bring-up is chosen by
 //! the command line (see [`cmdline`]): `mode=test` runs the in-kernel tests, `mode=panic` panics on purpose (the boot
-//! tests check that a panic fails a run), and no mode runs the main job.
+//! tests check that a panic fails a run), `mode=fault` writes to an unmapped page on purpose (the boot tests check
+//! the exception report), and no mode runs the main job.
 #![no_std]
 #![no_main]
+#![feature(abi_x86_interrupt)]
 
 extern crate alloc;
 
+mod arch;
 mod cmdline;
 mod console;
 mod exit;
 mod ktest;
 mod mm;
 mod platform;
+mod time;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{BootInfo, entry_point};
@@ -34,7 +38,10 @@ entry_point!(kmain, config = &BOOTLOADER_CONFIG);
 
 fn kmain(boot_info: &'static mut BootInfo) -> ! {
     console::init_early();
+    arch::init_cpu_tables();
+    let screen = console::init_framebuffer(boot_info.framebuffer.take());
     kprintln!("hv-unikernel {} booting", VERSION);
+    log::info!("console: {screen}");
     let cmdline = cmdline::Cmdline::from_boot_info(boot_info);
     if !cmdline.as_str().is_empty() {
         log::info!("command line: {}", cmdline.as_str());
@@ -44,13 +51,44 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         panic!("the bootloader did not map physical memory");
     };
     mm::set_phys_offset(phys_offset);
+    mm::set_phys_window_end(&boot_info.memory_regions);
     let heap = mm::heap::init(&boot_info.memory_regions).unwrap_or_else(|e| panic!("heap: {e}"));
     mm::frames::init(&boot_info.memory_regions, heap.clone());
     log::info!("heap: {} MiB at {:#x}; {} free frames", (heap.end - heap.start) >> 20, heap.start, mm::frames::stats().free);
+    mm::paging::init(phys_offset).unwrap_or_else(|e| panic!("paging: {e}"));
+
+    arch::acpi::set_rsdp(boot_info.rsdp_addr.into_option());
+    arch::pic::remap_and_mask();
+    match arch::apic::init() {
+        Ok(mode) => log::info!(
+            "apic: local APIC id {} version {:#x}, {mode}",
+            arch::apic::id().unwrap_or(0),
+            arch::apic::version().unwrap_or(0)
+        ),
+        Err(e) => log::warn!("apic: {e}"),
+    }
+    // The hypervisor's own frequency report goes here once the Hyper-V layer provides it (a Gen2 VM has no PIT).
+    let hypervisor_frequency_source: Option<&dyn time::FrequencySource> = None;
+    if let Err(e) = time::init(hypervisor_frequency_source) {
+        log::warn!("time: {e}: no clock and no APIC timer");
+    }
+    arch::interrupts::enable();
 
     match cmdline.get("mode") {
-        Some("test") => ktest::run_all(&[mm::KTESTS], cmdline.get("filter")),
+        Some("test") => ktest::run_all(
+            &[
+                mm::KTESTS,
+                mm::paging::KTESTS,
+                arch::gdt::KTESTS,
+                arch::interrupts::KTESTS,
+                arch::apic::KTESTS,
+                time::KTESTS,
+                console::framebuffer::KTESTS,
+            ],
+            cmdline.get("filter"),
+        ),
         Some("panic") => panic!("panic requested by the command line"),
+        Some("fault") => provoke_page_fault(),
         Some(other) => {
             log::error!("unknown mode {other:?}");
             exit(ExitCode::Failure)
@@ -61,6 +99,19 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
     kprintln!("{}", platform::Report::gather(&boot_info.memory_regions));
     log::info!("main job finished");
     exit(ExitCode::Success)
+}
+
+/// Writes to a page that is never mapped, so the page-fault handler reports and ends the run.
+fn provoke_page_fault() -> ! {
+    let target = mm::paging::never_mapped_address().expect("paging is initialised");
+    log::info!(
+        "mode=fault: writing to unmapped address {:#018x}",
+        target.as_u64()
+    );
+    // SAFETY: the address is in the kernel's mapping window and never mapped, so the write cannot touch any memory:
+    // it raises #PF, whose handler ends the run and never returns here.
+    unsafe { target.as_mut_ptr::<u64>().write_volatile(0xBAD) };
+    panic!("the write to an unmapped page did not fault")
 }
 
 #[panic_handler]

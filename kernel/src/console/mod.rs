@@ -2,6 +2,7 @@
 //!
 //! The [`log`] facade is backed by [`Logger`], so the rest of the kernel uses `log::info!` and friends.
 
+pub mod framebuffer;
 pub mod serial;
 
 use core::fmt::{self, Write};
@@ -11,6 +12,60 @@ pub fn init_early() {
     serial::init();
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
+}
+
+/// What [`init_framebuffer`] found, for the boot log.
+pub enum ScreenStatus {
+    /// The bootloader found no framebuffer.
+    Absent,
+    /// The framebuffer's layout is unusable.
+    Unusable(bootloader_api::info::FrameBufferInfo),
+    /// The screen console runs.
+    Ready {
+        /// Pixel layout.
+        info: bootloader_api::info::FrameBufferInfo,
+        /// Text columns.
+        columns: usize,
+        /// Text rows.
+        rows: usize,
+    },
+}
+
+impl fmt::Display for ScreenStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScreenStatus::Absent => f.write_str("no framebuffer"),
+            ScreenStatus::Unusable(info) => {
+                write!(f, "framebuffer with an unusable layout: {info:?}")
+            }
+            ScreenStatus::Ready {
+                info,
+                columns,
+                rows,
+            } => write!(
+                f,
+                "framebuffer {}x{} {:?}, {} bytes/pixel, stride {}: {columns}x{rows} text",
+                info.width, info.height, info.pixel_format, info.bytes_per_pixel, info.stride
+            ),
+        }
+    }
+}
+
+/// Mirrors the console onto the UEFI GOP framebuffer, if the bootloader found one. Serial stays first: a line
+/// reaches COM1 before the screen.
+pub fn init_framebuffer(framebuffer: Option<bootloader_api::info::FrameBuffer>) -> ScreenStatus {
+    let Some(framebuffer) = framebuffer else {
+        return ScreenStatus::Absent;
+    };
+    let info = framebuffer.info();
+    match framebuffer::init(framebuffer) {
+        Some((columns, rows)) => ScreenStatus::Ready {
+            info,
+            columns,
+            rows,
+        },
+        None => ScreenStatus::Unusable(info),
+    }
 }
 
 /// Writes formatted text to every console.
@@ -28,6 +83,7 @@ struct Sink;
 impl Write for Sink {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         serial::write_str(s);
+        framebuffer::write_str(s);
         Ok(())
     }
 }
@@ -37,6 +93,7 @@ struct EmergencySink;
 impl Write for EmergencySink {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         serial::write_str_emergency(s);
+        framebuffer::write_str_emergency(s);
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
-//! Memory: the physical-memory window the bootloader maps, the frame allocator and the kernel heap.
+//! Memory: the physical-memory window the bootloader maps, the frame allocator, the kernel heap and the page-table
+//! helpers.
 
 pub mod frames;
 pub mod heap;
+pub mod paging;
 
 use spin::Once;
 use x86_64::{PhysAddr, VirtAddr};
@@ -12,6 +14,21 @@ static PHYS_OFFSET: Once<u64> = Once::new();
 /// Records the physical-memory offset; called once at boot.
 pub fn set_phys_offset(offset: u64) {
     PHYS_OFFSET.call_once(|| offset);
+}
+
+/// One past the last physical address the window maps.
+static PHYS_WINDOW_END: Once<u64> = Once::new();
+
+/// Records how far the window reaches: the bootloader maps up to the end of the highest memory-map region, and at
+/// least the first 4 GiB (where firmware tables and device registers live). Called once at boot.
+pub fn set_phys_window_end(regions: &bootloader_api::info::MemoryRegions) {
+    let highest = regions.iter().map(|r| r.end).max().unwrap_or(0);
+    PHYS_WINDOW_END.call_once(|| highest.max(1 << 32));
+}
+
+/// One past the last physical address reachable through [`phys_to_virt`] (0 before boot set it).
+pub fn phys_window_end() -> u64 {
+    PHYS_WINDOW_END.get().copied().unwrap_or(0)
 }
 
 /// The virtual address through which the kernel reaches physical address `phys`.
