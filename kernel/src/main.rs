@@ -3,7 +3,8 @@
 //! `kmain` only sequences bring-up; each step lives in its module. What the kernel does after bring-up is chosen by
 //! the command line (see [`cmdline`]): `mode=test` runs the in-kernel tests, `mode=panic` panics on purpose (the boot
 //! tests check that a panic fails a run), `mode=fault` writes to an unmapped page on purpose (the boot tests check
-//! the exception report), and no mode runs the main job.
+//! the exception report), `mode=stack-overflow` overflows the kernel stack (the double-fault handler must report it
+//! from its own IST stack), and no mode runs the main job.
 #![no_std]
 #![no_main]
 #![feature(abi_x86_interrupt)]
@@ -89,6 +90,11 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         ),
         Some("panic") => panic!("panic requested by the command line"),
         Some("fault") => provoke_page_fault(),
+        Some("stack-overflow") => {
+            log::info!("mode=stack-overflow: recursing until the stack's guard page");
+            let depth = overflow_stack(0);
+            panic!("recursion returned at depth {depth} without overflowing the stack")
+        }
         Some(other) => {
             log::error!("unknown mode {other:?}");
             exit(ExitCode::Failure)
@@ -99,6 +105,17 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
     kprintln!("{}", platform::Report::gather(&boot_info.memory_regions));
     log::info!("main job finished");
     exit(ExitCode::Success)
+}
+
+/// Recurses until the kernel stack overflows into its guard page: the page fault cannot push its frame there, so
+/// the CPU raises a double fault, which runs on its IST stack and reports.
+fn overflow_stack(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    if core::hint::black_box(depth) == u64::MAX {
+        return depth;
+    }
+    // The addition after the call keeps it from becoming a loop.
+    overflow_stack(frame[depth as usize % 64] + 1) + core::hint::black_box(1)
 }
 
 /// Writes to a page that is never mapped, so the page-fault handler reports and ends the run.

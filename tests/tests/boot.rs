@@ -46,3 +46,48 @@ fn a_ktest_run_that_tests_nothing_fails() {
     assert!(run.serial.contains("ktest result: 0 passed, 0 failed"));
     assert_eq!(run.exit, Exit::GuestFailure);
 }
+
+/// The text after `prefix` up to the end of its line, if the log has it.
+fn logged_after<'a>(log: &'a str, prefix: &str) -> Option<&'a str> {
+    let start = log.find(prefix)? + prefix.len();
+    log[start..].lines().next()
+}
+
+/// A page fault is reported with its vector, error code, RIP and CR2 (the address the kernel said it would write),
+/// and fails the run.
+#[test]
+fn a_page_fault_is_reported_and_fails_the_run() {
+    let run = boot_kernel("fault", Some("mode=fault"));
+    assert_eq!(run.exit, Exit::GuestFailure);
+    let log = &run.serial;
+    let target = logged_after(log, "mode=fault: writing to unmapped address ").expect("fault target not logged");
+    assert!(log.contains("CPU EXCEPTION: vector 14 #PF page fault"), "no #PF report in:\n{log}");
+    assert!(log.contains("  error code: 0x2 (CAUSED_BY_WRITE)"), "error code missing or wrong");
+    let rip = logged_after(log, "  RIP: 0x").expect("RIP missing");
+    assert!(u64::from_str_radix(rip.trim(), 16).is_ok_and(|rip| rip != 0), "RIP {rip:?} is not an address");
+    assert_eq!(logged_after(log, "  CR2: "), Some(target), "CR2 is not the address written");
+    assert!(!log.contains("main job finished"));
+}
+
+/// A kernel stack overflow faults on the stack's guard page while pushing the page fault's frame; the double-fault
+/// handler runs on its own IST stack and reports instead of the machine resetting.
+#[test]
+fn a_stack_overflow_is_reported_as_a_double_fault() {
+    let run = boot_kernel("stack-overflow", Some("mode=stack-overflow"));
+    assert_eq!(run.exit, Exit::GuestFailure, "serial:\n{}", run.serial);
+    assert!(run.serial.contains("CPU EXCEPTION: vector 8 #DF double fault"), "no #DF report in:\n{}", run.serial);
+    assert!(run.serial.contains("  error code: 0x0"));
+}
+
+/// The main job's log shows the CPU bring-up: the local APIC's mode, the calibration source, and the framebuffer.
+#[test]
+fn boot_log_shows_apic_clock_and_screen() {
+    let run = boot_kernel("bring-up-log", None);
+    assert_eq!(run.exit, Exit::GuestSuccess);
+    let log = &run.serial;
+    let apic = logged_after(log, "apic: local APIC id ").expect("APIC line missing");
+    assert!(apic.contains("xAPIC mode") || apic.contains("x2APIC mode"), "APIC mode missing: {apic}");
+    let time = logged_after(log, "time: calibrated with ").expect("calibration line missing");
+    assert!(time.contains("TSC") && time.contains("APIC bus"), "calibration line incomplete: {time}");
+    assert!(logged_after(log, "console: framebuffer ").is_some_and(|l| l.contains("text")), "no framebuffer console");
+}
