@@ -6,12 +6,14 @@
 //! - [`qemu`] runs an image under QEMU q35 + OVMF with a time limit and hands back the serial log and exit status.
 //! - [`accel`] decides between KVM (with Hyper-V enlightenments and QEMU's VMBus host) and TCG.
 //! - [`deps`] finds QEMU and OVMF, installing them with apt-get when run as root.
+//! - [`rig`] runs an image as L2 under QEMU's VMBus host in a nested-KVM L1 guest (the real-host test tier).
 
 pub mod accel;
 pub mod build;
 pub mod deps;
 pub mod image;
 pub mod qemu;
+pub mod rig;
 
 use std::path::PathBuf;
 

@@ -38,6 +38,31 @@ enum Cmd {
     },
     /// Check that QEMU and OVMF are installed, installing them with apt-get as root.
     Deps,
+    /// Boot the kernel as L2 under QEMU's VMBus host, in a nested-KVM L1 guest built once into target/rig
+    /// (the real-host rig; see boot/rig/README.md). Needs root the first time (it builds L1 with debootstrap).
+    Rig {
+        /// Boot this raw image instead of building the kernel.
+        #[arg(long, conflicts_with = "cmdline")]
+        image: Option<PathBuf>,
+        /// Kernel command line to bake into the image.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Stop the whole run (L1 and L2) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// L2's memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Another flag for L2's `-cpu host,...` (repeatable), e.g. `--cpu-flag hv-vapic`.
+        #[arg(long = "cpu-flag")]
+        cpu_flags: Vec<String>,
+        /// Leave out L2's hv-balloon device.
+        #[arg(long)]
+        no_balloon: bool,
+        /// Only build (or check) L1; boot nothing.
+        #[arg(long)]
+        prepare_only: bool,
+    },
     /// Build the kernel and write the raw UEFI image and the Hyper-V Gen2 VHDX (and, with --vhd, Azure's fixed VHD).
     Image {
         /// Output directory (default: target/boot/images).
@@ -99,6 +124,28 @@ fn real_main(cli: Cli) -> boot::Result<ExitCode> {
                 Accel::Tcg { reason } => println!("accelerator: TCG ({reason})"),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rig { image, cmdline, timeout, memory, cpu_flags, no_balloon, prepare_only } => {
+            if prepare_only {
+                return Ok(boot::rig::run_cli(None, &boot::rig::RunOptions::default()));
+            }
+            let image = match image {
+                Some(image) => image,
+                None => {
+                    let kernel = build_kernel(Profile::Release)?;
+                    let disk = work_dir().join("images").join("rig.raw");
+                    image::create_uefi_image(&kernel, cmdline.as_deref(), &disk)?;
+                    disk
+                }
+            };
+            let mut options =
+                boot::rig::RunOptions { time_limit: Duration::from_secs(timeout), ..boot::rig::RunOptions::default() };
+            options.l2.memory_mib = memory;
+            options.l2.cpu_flags.extend(cpu_flags);
+            if no_balloon {
+                options.l2.balloon = boot::rig::Balloon::Off;
+            }
+            Ok(boot::rig::run_cli(Some(&image), &options))
         }
         Cmd::Image { out, vhd, cmdline } => {
             let kernel = build_kernel(Profile::Release)?;
