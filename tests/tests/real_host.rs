@@ -46,9 +46,7 @@ fn rig_or_skip(test: &str) -> Option<&'static Rig> {
     match prepared {
         Prepared::Ready(rig) => Some(rig),
         Prepared::Unavailable(reason) => {
-            say(&format!(
-                "SKIP: {test}: real-host rig unavailable: {reason}"
-            ));
+            say(&format!("SKIP: {test}: real-host rig unavailable: {reason}"));
             None
         }
         Prepared::Failed(error) => {
@@ -68,26 +66,15 @@ fn kernel_detects_hyperv_under_kvm() {
         return;
     };
     let image = tests::make_image("real-host-main", None);
-    let report = rig
-        .run(&image, &RunOptions::default())
-        .unwrap_or_else(|error| panic!("{error}"));
-    report
-        .expect_exit(Exit::GuestSuccess)
-        .unwrap_or_else(|error| panic!("{error}"));
+    let report = rig.run(&image, &RunOptions::default()).unwrap_or_else(|error| panic!("{error}"));
+    report.expect_exit(Exit::GuestSuccess).unwrap_or_else(|error| panic!("{error}"));
     let log = &report.l2_serial;
-    assert!(
-        log.contains("hv-unikernel"),
-        "L2 did not print the kernel banner:\n{log}"
-    );
+    assert!(log.contains("hv-unikernel"), "L2 did not print the kernel banner:\n{log}");
     assert!(
         log.contains("hypervisor: \"Microsoft Hv\""),
         "the kernel did not see the Hyper-V interface (CPUID 0x40000000 \"Microsoft Hv\") under KVM:\n{log}"
     );
-    assert!(
-        report.l1_console.contains("rig-l1: kvm ready"),
-        "L1 did not report KVM:\n{}",
-        report.l1_console
-    );
+    assert!(report.l1_console.contains("rig-l1: kvm ready"), "L1 did not report KVM:\n{}", report.l1_console);
 }
 
 /// The rig itself: L2's QMP monitor is reachable from the host while L2 runs, answers for the hv-balloon device,
@@ -107,26 +94,14 @@ fn l2_qmp_is_driven_from_the_host() {
         })
         .unwrap_or_else(|error| panic!("{error}"));
     let (status, balloon) = &report.value;
-    assert_eq!(
-        status.get("running"),
-        Some(&Json::Bool(true)),
-        "query-status: {status}"
-    );
+    assert_eq!(status.get("running"), Some(&Json::Bool(true)), "query-status: {status}");
     assert_eq!(
         balloon.get("actual").and_then(Json::as_i64),
         Some(512 << 20),
         "query-balloon should report L2's 512 MiB: {balloon}"
     );
     let transcript = report.qmp_transcript.join("\n");
-    assert!(
-        transcript.contains(r#"-> {"execute": "query-balloon"}"#),
-        "transcript:\n{transcript}"
-    );
-    assert!(
-        transcript.contains("<- {\"QMP\""),
-        "the greeting is missing from the transcript:\n{transcript}"
-    );
-    report
-        .expect_exit(Exit::GuestSuccess)
-        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(transcript.contains(r#"-> {"execute": "query-balloon"}"#), "transcript:\n{transcript}");
+    assert!(transcript.contains("<- {\"QMP\""), "the greeting is missing from the transcript:\n{transcript}");
+    report.expect_exit(Exit::GuestSuccess).unwrap_or_else(|error| panic!("{error}"));
 }

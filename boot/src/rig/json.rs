@@ -45,10 +45,7 @@ const MAX_DEPTH: usize = 64;
 impl Json {
     /// Parses `text`, which must hold exactly one value (surrounding whitespace allowed).
     pub fn parse(text: &str) -> Result<Json, JsonError> {
-        let mut parser = Parser {
-            bytes: text.as_bytes(),
-            pos: 0,
-        };
+        let mut parser = Parser { bytes: text.as_bytes(), pos: 0 };
         let value = parser.value(0)?;
         parser.skip_whitespace();
         if parser.pos != parser.bytes.len() {
@@ -59,21 +56,13 @@ impl Json {
 
     /// Builds an object from `(name, value)` pairs.
     pub fn object<'a>(members: impl IntoIterator<Item = (&'a str, Json)>) -> Json {
-        Json::Object(
-            members
-                .into_iter()
-                .map(|(name, value)| (name.to_owned(), value))
-                .collect(),
-        )
+        Json::Object(members.into_iter().map(|(name, value)| (name.to_owned(), value)).collect())
     }
 
     /// The member `name` of an object; `None` for a missing member or a non-object.
     pub fn get(&self, name: &str) -> Option<&Json> {
         match self {
-            Json::Object(members) => members
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value),
+            Json::Object(members) => members.iter().find(|(key, _)| key == name).map(|(_, value)| value),
             _ => None,
         }
     }
@@ -171,10 +160,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn error(&self, message: &'static str) -> JsonError {
-        JsonError {
-            offset: self.pos,
-            message,
-        }
+        JsonError { offset: self.pos, message }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -270,10 +256,7 @@ impl Parser<'_> {
     }
 
     fn hex4(&mut self) -> Result<u32, JsonError> {
-        let digits = self
-            .bytes
-            .get(self.pos..self.pos + 4)
-            .ok_or_else(|| self.error("short \\u escape"))?;
+        let digits = self.bytes.get(self.pos..self.pos + 4).ok_or_else(|| self.error("short \\u escape"))?;
         let text = std::str::from_utf8(digits).map_err(|_| self.error("bad \\u escape"))?;
         let value = u32::from_str_radix(text, 16).map_err(|_| self.error("bad \\u escape"))?;
         self.pos += 4;
@@ -292,10 +275,7 @@ impl Parser<'_> {
                 self.pos += 1;
             }
             // The input is a &str and we stopped only at ASCII bytes, so this slice is valid UTF-8.
-            out.push_str(
-                std::str::from_utf8(&self.bytes[start..self.pos])
-                    .map_err(|_| self.error("bad UTF-8"))?,
-            );
+            out.push_str(std::str::from_utf8(&self.bytes[start..self.pos]).map_err(|_| self.error("bad UTF-8"))?);
             match self.peek() {
                 None => return Err(self.error("unterminated string")),
                 Some(b'"') => {
@@ -304,9 +284,7 @@ impl Parser<'_> {
                 }
                 Some(b'\\') => {
                     self.pos += 1;
-                    let escape = self
-                        .peek()
-                        .ok_or_else(|| self.error("unterminated escape"))?;
+                    let escape = self.peek().ok_or_else(|| self.error("unterminated escape"))?;
                     self.pos += 1;
                     match escape {
                         b'"' => out.push('"'),
@@ -332,10 +310,7 @@ impl Parser<'_> {
                             } else {
                                 first
                             };
-                            out.push(
-                                char::from_u32(code)
-                                    .ok_or_else(|| self.error("escape is not a character"))?,
-                            );
+                            out.push(char::from_u32(code).ok_or_else(|| self.error("escape is not a character"))?);
                         }
                         _ => return Err(self.error("unknown escape")),
                     }
@@ -356,15 +331,11 @@ impl Parser<'_> {
             }
             self.pos += 1;
         }
-        let text = std::str::from_utf8(&self.bytes[start..self.pos])
-            .map_err(|_| self.error("bad number"))?;
+        let text = std::str::from_utf8(&self.bytes[start..self.pos]).map_err(|_| self.error("bad number"))?;
         if integral && let Ok(value) = text.parse::<i64>() {
             return Ok(Json::Int(value));
         }
-        text.parse::<f64>().map(Json::Float).map_err(|_| JsonError {
-            offset: start,
-            message: "bad number",
-        })
+        text.parse::<f64>().map(Json::Float).map_err(|_| JsonError { offset: start, message: "bad number" })
     }
 }
 
@@ -376,11 +347,7 @@ mod tests {
     fn parses_a_qmp_greeting() {
         let text = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
         let value = Json::parse(text).unwrap();
-        let version = value
-            .get("QMP")
-            .and_then(|qmp| qmp.get("version"))
-            .and_then(|v| v.get("qemu"))
-            .unwrap();
+        let version = value.get("QMP").and_then(|qmp| qmp.get("version")).and_then(|v| v.get("qemu")).unwrap();
         assert_eq!(version.get("major").and_then(Json::as_i64), Some(10));
         assert_eq!(
             value.get("QMP").and_then(|qmp| qmp.get("capabilities")),
@@ -393,30 +360,13 @@ mod tests {
         assert_eq!(Json::parse("536870912").unwrap(), Json::Int(536_870_912));
         assert_eq!(Json::parse("-3").unwrap(), Json::Int(-3));
         assert_eq!(Json::parse("1.5e3").unwrap(), Json::Float(1500.0));
-        assert_eq!(
-            Json::parse(" [true, false, null] ").unwrap().to_string(),
-            "[true, false, null]"
-        );
-        assert_eq!(
-            Json::parse(r#""a\"b\\c\n\u00e9\ud83d\ude00""#).unwrap(),
-            Json::from("a\"b\\c\né😀")
-        );
+        assert_eq!(Json::parse(" [true, false, null] ").unwrap().to_string(), "[true, false, null]");
+        assert_eq!(Json::parse(r#""a\"b\\c\n\u00e9\ud83d\ude00""#).unwrap(), Json::from("a\"b\\c\né😀"));
     }
 
     #[test]
     fn rejects_malformed_input_without_panicking() {
-        for text in [
-            "",
-            "{",
-            "[1,",
-            "{\"a\" 1}",
-            "\"abc",
-            "tru",
-            "{}x",
-            "\"\\ud800\"",
-            "\"\\u12\"",
-            "[1 2]",
-        ] {
+        for text in ["", "{", "[1,", "{\"a\" 1}", "\"abc", "tru", "{}x", "\"\\ud800\"", "\"\\u12\"", "[1 2]"] {
             assert!(Json::parse(text).is_err(), "{text:?} parsed");
         }
         let deep = "[".repeat(MAX_DEPTH + 2);
@@ -427,20 +377,11 @@ mod tests {
     fn writes_what_it_parses() {
         let command = Json::object([
             ("execute", Json::from("balloon")),
-            (
-                "arguments",
-                Json::object([("value", Json::from(268_435_456_i64))]),
-            ),
+            ("arguments", Json::object([("value", Json::from(268_435_456_i64))])),
         ]);
         let text = command.to_string();
-        assert_eq!(
-            text,
-            r#"{"execute": "balloon", "arguments": {"value": 268435456}}"#
-        );
+        assert_eq!(text, r#"{"execute": "balloon", "arguments": {"value": 268435456}}"#);
         assert_eq!(Json::parse(&text).unwrap(), command);
-        assert_eq!(
-            Json::from("tab\there\u{1}").to_string(),
-            r#""tab\there\u0001""#
-        );
+        assert_eq!(Json::from("tab\there\u{1}").to_string(), r#""tab\there\u0001""#);
     }
 }

@@ -88,11 +88,7 @@ impl fmt::Display for RigError {
         match self {
             RigError::Unavailable(reason) => write!(f, "unavailable: {reason}"),
             RigError::BuildFailed { reason, log } => {
-                write!(
-                    f,
-                    "building L1 failed: {reason} (whole log: {})",
-                    log.display()
-                )
+                write!(f, "building L1 failed: {reason} (whole log: {})", log.display())
             }
             RigError::Io { context, error } => write!(f, "rig: {context}: {error}"),
         }
@@ -127,15 +123,9 @@ impl PrepareOptions {
     /// `HV_RIG_SUITE` (default [`DEFAULT_SUITE`]), `HV_RIG_MIRROR` (default: the host's apt mirror),
     /// `HV_RIG_TCG_PATCH=off` (run the host's TCG module unpatched).
     pub fn from_env() -> PrepareOptions {
-        let var = |name| {
-            std::env::var(name)
-                .ok()
-                .filter(|value: &String| !value.is_empty())
-        };
+        let var = |name| std::env::var(name).ok().filter(|value: &String| !value.is_empty());
         PrepareOptions {
-            cache_dir: var("HV_RIG_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(default_cache_dir),
+            cache_dir: var("HV_RIG_DIR").map(PathBuf::from).unwrap_or_else(default_cache_dir),
             suite: var("HV_RIG_SUITE").unwrap_or_else(|| DEFAULT_SUITE.to_owned()),
             mirror: var("HV_RIG_MIRROR"),
             patch_tcg: var("HV_RIG_TCG_PATCH").is_none_or(|value| value != "off"),
@@ -147,9 +137,7 @@ impl PrepareOptions {
 /// `<target>/rig`, beside `boot`'s own work directory (`<target>/boot`).
 pub fn default_cache_dir() -> PathBuf {
     let work = crate::work_dir();
-    work.parent()
-        .map(|target| target.join("rig"))
-        .unwrap_or_else(|| work.join("rig"))
+    work.parent().map(|target| target.join("rig")).unwrap_or_else(|| work.join("rig"))
 }
 
 /// The files of a built L1.
@@ -165,17 +153,11 @@ pub struct L1Files {
 
 impl L1Files {
     fn in_dir(dir: &Path) -> L1Files {
-        L1Files {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            root: dir.join("root.img"),
-        }
+        L1Files { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), root: dir.join("root.img") }
     }
 
     fn all_exist(&self) -> bool {
-        [&self.kernel, &self.initrd, &self.root]
-            .iter()
-            .all(|path| path.is_file())
+        [&self.kernel, &self.initrd, &self.root].iter().all(|path| path.is_file())
     }
 }
 
@@ -210,8 +192,7 @@ struct CacheLock {
 
 impl CacheLock {
     fn acquire(cache_dir: &Path) -> Result<CacheLock, RigError> {
-        fs::create_dir_all(cache_dir)
-            .map_err(io_context(format!("creating {}", cache_dir.display())))?;
+        fs::create_dir_all(cache_dir).map_err(io_context(format!("creating {}", cache_dir.display())))?;
         let path = cache_dir.join("lock");
         let file = File::options()
             .create(true)
@@ -219,8 +200,7 @@ impl CacheLock {
             .write(true)
             .open(&path)
             .map_err(io_context(format!("opening {}", path.display())))?;
-        file.lock()
-            .map_err(io_context(format!("locking {}", path.display())))?;
+        file.lock().map_err(io_context(format!("locking {}", path.display())))?;
         Ok(CacheLock { _file: file })
     }
 }
@@ -240,19 +220,13 @@ pub fn l1_stamp(suite: &str) -> io::Result<String> {
 /// about 480 MB; a current build is reused (then only QEMU is needed).
 pub fn prepare(options: &PrepareOptions) -> Result<Rig, RigError> {
     if let Some(value) = std::env::var_os(SKIP_ENV) {
-        return Err(RigError::Unavailable(format!(
-            "{SKIP_ENV} is set (to {value:?})"
-        )));
+        return Err(RigError::Unavailable(format!("{SKIP_ENV} is set (to {value:?})")));
     }
     if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-        return Err(RigError::Unavailable(
-            "the rig runs on x86-64 Linux hosts only".into(),
-        ));
+        return Err(RigError::Unavailable("the rig runs on x86-64 Linux hosts only".into()));
     }
-    let tools = crate::deps::ensure_tools()
-        .map_err(|error| RigError::Unavailable(format!("host QEMU: {error}")))?;
-    host::ensure_programs(&[("sha256sum", "coreutils"), ("df", "coreutils")])
-        .map_err(RigError::Unavailable)?;
+    let tools = crate::deps::ensure_tools().map_err(|error| RigError::Unavailable(format!("host QEMU: {error}")))?;
+    host::ensure_programs(&[("sha256sum", "coreutils"), ("df", "coreutils")]).map_err(RigError::Unavailable)?;
 
     let _lock = CacheLock::acquire(&options.cache_dir)?;
     let say = |message: &str| {
@@ -268,9 +242,7 @@ pub fn prepare(options: &PrepareOptions) -> Result<Rig, RigError> {
             .map_err(io_context("preparing the TCG module copy"))?
             .1
     } else {
-        TcgModule::Unpatched {
-            reason: "patching turned off (HV_RIG_TCG_PATCH=off)".into(),
-        }
+        TcgModule::Unpatched { reason: "patching turned off (HV_RIG_TCG_PATCH=off)".into() }
     };
 
     let l1_dir = options.cache_dir.join("l1");
@@ -301,8 +273,7 @@ pub fn prepare(options: &PrepareOptions) -> Result<Rig, RigError> {
         ("chroot", "coreutils"),
     ])
     .map_err(RigError::Unavailable)?;
-    let free =
-        host::free_bytes(&options.cache_dir).map_err(io_context("reading free disk space"))?;
+    let free = host::free_bytes(&options.cache_dir).map_err(io_context("reading free disk space"))?;
     if free < BUILD_FREE_BYTES {
         return Err(RigError::Unavailable(format!(
             "{} MiB free in {}; building L1 needs {} MiB",
@@ -314,14 +285,11 @@ pub fn prepare(options: &PrepareOptions) -> Result<Rig, RigError> {
     let mirror = match &options.mirror {
         Some(mirror) => mirror.trim_end_matches('/').to_owned(),
         None => host::host_debian_mirror().ok_or_else(|| {
-            RigError::Unavailable(
-                "no Debian mirror in the host's apt sources (set HV_RIG_MIRROR)".into(),
-            )
+            RigError::Unavailable("no Debian mirror in the host's apt sources (set HV_RIG_MIRROR)".into())
         })?,
     };
-    host::url_reachable(&format!("{mirror}/dists/{}/Release", options.suite)).map_err(|why| {
-        RigError::Unavailable(format!("the Debian mirror is not reachable: {why}"))
-    })?;
+    host::url_reachable(&format!("{mirror}/dists/{}/Release", options.suite))
+        .map_err(|why| RigError::Unavailable(format!("the Debian mirror is not reachable: {why}")))?;
 
     say(&format!(
         "building L1 (Debian {} from the host's mirror; about 80 s) into {}",
@@ -330,8 +298,7 @@ pub fn prepare(options: &PrepareOptions) -> Result<Rig, RigError> {
     ));
     let started = Instant::now();
     build_l1(options, &mirror, &l1_dir)?;
-    fs::write(&stamp_path, &stamp)
-        .map_err(io_context(format!("writing {}", stamp_path.display())))?;
+    fs::write(&stamp_path, &stamp).map_err(io_context(format!("writing {}", stamp_path.display())))?;
     let took = started.elapsed();
     say(&format!("L1 built in {:.0} s", took.as_secs_f64()));
     Ok(Rig {
@@ -361,8 +328,7 @@ fn build_l1(options: &PrepareOptions, mirror: &str, l1_dir: &Path) -> Result<(),
     fs::write(&init, L1_INIT_SCRIPT).map_err(io_context("writing l1-init.sh"))?;
 
     let log_path = cache.join("build.log");
-    let log =
-        File::create(&log_path).map_err(io_context(format!("creating {}", log_path.display())))?;
+    let log = File::create(&log_path).map_err(io_context(format!("creating {}", log_path.display())))?;
     let mut child = Command::new("sh")
         .arg(&script)
         .arg(&partial)
@@ -372,26 +338,18 @@ fn build_l1(options: &PrepareOptions, mirror: &str, l1_dir: &Path) -> Result<(),
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(
-            log.try_clone()
-                .map_err(io_context("duplicating the log handle"))?,
-        )
+        .stderr(log.try_clone().map_err(io_context("duplicating the log handle"))?)
         .spawn()
         .map_err(io_context("starting build-l1.sh"))?;
     // Copy stdout to the log, echoing the recipe's own progress lines.
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut text = Vec::new();
     let _ = stdout.read_to_end(&mut text);
-    let status = child
-        .wait()
-        .map_err(io_context("waiting for build-l1.sh"))?;
+    let status = child.wait().map_err(io_context("waiting for build-l1.sh"))?;
     let mut log = log;
     let _ = log.write_all(&text);
     if options.echo {
-        for line in String::from_utf8_lossy(&text)
-            .lines()
-            .filter(|line| line.starts_with("build-l1:"))
-        {
+        for line in String::from_utf8_lossy(&text).lines().filter(|line| line.starts_with("build-l1:")) {
             let _ = writeln!(io::stderr(), "rig: {line}");
         }
     }
@@ -399,23 +357,13 @@ fn build_l1(options: &PrepareOptions, mirror: &str, l1_dir: &Path) -> Result<(),
         let _ = fs::remove_dir_all(&partial);
         let whole = fs::read(&log_path).unwrap_or_default();
         let text = String::from_utf8_lossy(&whole);
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
         return Err(RigError::BuildFailed {
             reason: format!("build-l1.sh exited with {status}: {}", tail.join(" | ")),
             log: log_path,
         });
     }
-    fs::rename(&partial, l1_dir).map_err(io_context(format!(
-        "moving the build to {}",
-        l1_dir.display()
-    )))?;
+    fs::rename(&partial, l1_dir).map_err(io_context(format!("moving the build to {}", l1_dir.display())))?;
     Ok(())
 }
 
@@ -460,15 +408,9 @@ impl Default for L2Options {
         L2Options {
             memory_mib: 512,
             cpus: 1,
-            cpu_flags: crate::accel::HYPERV_CPU_FLAGS
-                .split(',')
-                .map(str::to_owned)
-                .collect(),
+            cpu_flags: crate::accel::HYPERV_CPU_FLAGS.split(',').map(str::to_owned).collect(),
             vmbus_bridge: true,
-            balloon: Balloon::On {
-                status_report: true,
-                hot_add_mib: None,
-            },
+            balloon: Balloon::On { status_report: true, hot_add_mib: None },
             qmp: true,
             extra_args: Vec::new(),
         }
@@ -479,10 +421,7 @@ impl L2Options {
     /// The most memory L2 can have (boot memory plus what hv-balloon may hot-add), in MiB.
     pub fn max_memory_mib(&self) -> u32 {
         match self.balloon {
-            Balloon::On {
-                hot_add_mib: Some(extra),
-                ..
-            } => self.memory_mib.saturating_add(extra),
+            Balloon::On { hot_add_mib: Some(extra), .. } => self.memory_mib.saturating_add(extra),
             _ => self.memory_mib,
         }
     }
@@ -491,35 +430,18 @@ impl L2Options {
     pub fn qemu_args(&self) -> Vec<String> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| args.extend(items.iter().map(|item| (*item).to_owned()));
-        push(&[
-            "-nodefaults",
-            "-machine",
-            "q35",
-            "-accel",
-            "kvm",
-            "-display",
-            "none",
-            "-vga",
-            "std",
-            "-no-reboot",
-        ]);
+        push(&["-nodefaults", "-machine", "q35", "-accel", "kvm", "-display", "none", "-vga", "std", "-no-reboot"]);
         let memory = match self.balloon {
-            Balloon::On {
-                hot_add_mib: Some(_),
-                ..
-            } => format!("{}M,maxmem={}M", self.memory_mib, self.max_memory_mib()),
+            Balloon::On { hot_add_mib: Some(_), .. } => {
+                format!("{}M,maxmem={}M", self.memory_mib, self.max_memory_mib())
+            }
             _ => format!("{}M", self.memory_mib),
         };
-        let cpu = std::iter::once("host")
-            .chain(self.cpu_flags.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(",");
+        let cpu =
+            std::iter::once("host").chain(self.cpu_flags.iter().map(String::as_str)).collect::<Vec<_>>().join(",");
         let cpus = self.cpus.to_string();
         push(&["-m", &memory, "-smp", &cpus, "-cpu", &cpu]);
-        push(&[
-            "-drive",
-            &format!("if=pflash,format=raw,readonly=on,file={L1_OVMF_CODE}"),
-        ]);
+        push(&["-drive", &format!("if=pflash,format=raw,readonly=on,file={L1_OVMF_CODE}")]);
         push(&["-drive", &format!("if=pflash,format=raw,file={L1_L2_VARS}")]);
         push(&[
             "-drive",
@@ -527,40 +449,23 @@ impl L2Options {
             "-device",
             "virtio-blk-pci,drive=boot",
         ]);
-        push(&[
-            "-serial",
-            "/dev/ttyS1",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        ]);
+        push(&["-serial", "/dev/ttyS1", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
         if self.vmbus_bridge {
             push(&["-device", "vmbus-bridge"]);
         }
-        if let Balloon::On {
-            status_report,
-            hot_add_mib,
-        } = self.balloon
-        {
+        if let Balloon::On { status_report, hot_add_mib } = self.balloon {
             let mut device = String::from("hv-balloon,id=balloon0");
             if status_report {
                 device.push_str(",status-report=on");
             }
             if let Some(extra) = hot_add_mib {
-                push(&[
-                    "-object",
-                    &format!("memory-backend-ram,id=balloon-mem,size={extra}M"),
-                ]);
+                push(&["-object", &format!("memory-backend-ram,id=balloon-mem,size={extra}M")]);
                 device.push_str(",memdev=balloon-mem");
             }
             push(&["-device", &device]);
         }
         if self.qmp {
-            push(&[
-                "-chardev",
-                "serial,id=rig-qmp,path=/dev/ttyS2",
-                "-mon",
-                "chardev=rig-qmp,mode=control",
-            ]);
+            push(&["-chardev", "serial,id=rig-qmp,path=/dev/ttyS2", "-mon", "chardev=rig-qmp,mode=control"]);
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -584,12 +489,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     /// Default L2 options, 300 s, echo on, attempts chosen by the TCG module.
     fn default() -> RunOptions {
-        RunOptions {
-            l2: L2Options::default(),
-            time_limit: Duration::from_secs(300),
-            echo: true,
-            max_attempts: None,
-        }
+        RunOptions { l2: L2Options::default(), time_limit: Duration::from_secs(300), echo: true, max_attempts: None }
     }
 }
 
@@ -641,16 +541,9 @@ impl fmt::Display for RunError {
         match self {
             RunError::Setup(why) => write!(f, "rig run could not start: {why}"),
             RunError::OuterAbort { attempts, detail } => {
-                write!(
-                    f,
-                    "outer QEMU aborted (TCG assertion) on all {attempts} attempts: {detail}"
-                )
+                write!(f, "outer QEMU aborted (TCG assertion) on all {attempts} attempts: {detail}")
             }
-            RunError::Timeout {
-                limit,
-                phase,
-                l2_tail,
-            } => {
+            RunError::Timeout { limit, phase, l2_tail } => {
                 write!(
                     f,
                     "rig run timed out after {} s while {phase}; L2's serial log ended with:\n{l2_tail}",
@@ -658,20 +551,10 @@ impl fmt::Display for RunError {
                 )
             }
             RunError::L1Failure { reason, l1_tail } => {
-                write!(
-                    f,
-                    "L1 failure: {reason}; L1's console ended with:\n{l1_tail}"
-                )
+                write!(f, "L1 failure: {reason}; L1's console ended with:\n{l1_tail}")
             }
-            RunError::L2Status {
-                expected,
-                actual,
-                l2_tail,
-            } => {
-                write!(
-                    f,
-                    "L2 ended with {actual:?}, expected {expected:?}; its serial log ended with:\n{l2_tail}"
-                )
+            RunError::L2Status { expected, actual, l2_tail } => {
+                write!(f, "L2 ended with {actual:?}, expected {expected:?}; its serial log ended with:\n{l2_tail}")
             }
             RunError::Qmp(error) => write!(f, "{error}"),
             RunError::Step(why) => write!(f, "{why}"),
@@ -718,11 +601,7 @@ impl<T> RunReport<T> {
         if self.l2_exit == expected {
             Ok(())
         } else {
-            Err(RunError::L2Status {
-                expected,
-                actual: self.l2_exit.clone(),
-                l2_tail: tail(&self.l2_serial, 20),
-            })
+            Err(RunError::L2Status { expected, actual: self.l2_exit.clone(), l2_tail: tail(&self.l2_serial, 20) })
         }
     }
 }
@@ -749,44 +628,29 @@ struct LogState {
 
 impl SharedLog {
     fn append(&self, chunk: &[u8]) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         state.first_output.get_or_insert_with(Instant::now);
         state.bytes.extend_from_slice(chunk);
         self.changed.notify_all();
     }
 
     fn close(&self) {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .closed = true;
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).closed = true;
         self.changed.notify_all();
     }
 
     fn text(&self) -> String {
-        let state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         String::from_utf8_lossy(&state.bytes).replace('\r', "")
     }
 
     fn first_output(&self) -> Option<Instant> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .first_output
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).first_output
     }
 
     /// Waits until `needle` is in the log (returns the line holding it), the log closes, or `deadline`.
     fn wait_for(&self, needle: &str, deadline: Instant) -> Result<String, &'static str> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
             let text = String::from_utf8_lossy(&state.bytes);
             if let Some(line) = text.lines().find(|line| line.contains(needle)) {
@@ -799,11 +663,7 @@ impl SharedLog {
             if now >= deadline {
                 return Err("timed out");
             }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+            state = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
     }
 }
@@ -832,18 +692,19 @@ impl Session {
     /// returns that line.
     pub fn wait_for_serial(&self, needle: &str, timeout: Duration) -> Result<String, RunError> {
         let deadline = (Instant::now() + timeout).min(self.deadline);
-        self.l2_serial.wait_for(needle, deadline).map_err(|why| {
-            RunError::Step(format!("waiting for {needle:?} on L2's serial port: {why}"))
-        })
+        self.l2_serial
+            .wait_for(needle, deadline)
+            .map_err(|why| RunError::Step(format!("waiting for {needle:?} on L2's serial port: {why}")))
     }
 
     /// L2's QMP monitor, in command mode (the first call waits for L2's QEMU to greet, up to the time limit).
     /// Fails if the run's [`L2Options::qmp`] is off.
     pub fn qmp(&mut self) -> Result<&mut Qmp, RunError> {
         if self.qmp.is_none() {
-            let stream = self.qmp_stream.take().ok_or_else(|| {
-                RunError::Step("this run has no QMP monitor (L2Options::qmp is off)".into())
-            })?;
+            let stream = self
+                .qmp_stream
+                .take()
+                .ok_or_else(|| RunError::Step("this run has no QMP monitor (L2Options::qmp is off)".into()))?;
             let mut qmp = Qmp::new(stream, Arc::clone(&self.transcript))
                 .map_err(|error| RunError::Setup(format!("QMP socket: {error}")))?;
             qmp.handshake(self.remaining())?;
@@ -942,27 +803,22 @@ impl Rig {
         if !image.is_file() {
             return Err(RunError::Setup(format!("no image at {}", image.display())));
         }
-        let image = image
-            .canonicalize()
-            .map_err(|error| RunError::Setup(format!("{}: {error}", image.display())))?;
+        let image = image.canonicalize().map_err(|error| RunError::Setup(format!("{}: {error}", image.display())))?;
         let args = l2_argument_file(&options.l2.qemu_args()).map_err(RunError::Setup)?;
         let max_attempts = options.max_attempts.unwrap_or(match self.tcg {
             TcgModule::Patched { .. } => 2,
             TcgModule::Unpatched { .. } => 5,
         });
-        let _lock = CacheLock::acquire(&self.cache_dir)
-            .map_err(|error| RunError::Setup(error.to_string()))?;
+        let _lock = CacheLock::acquire(&self.cache_dir).map_err(|error| RunError::Setup(error.to_string()))?;
         self.note(&format!("outer QEMU uses the {}", self.tcg.describe()));
         let mut aborts = Vec::new();
         for attempt in 1..=max_attempts.max(1) {
-            let scratch = ScratchDir::create()
-                .map_err(|error| RunError::Setup(format!("scratch directory: {error}")))?;
+            let scratch =
+                ScratchDir::create().map_err(|error| RunError::Setup(format!("scratch directory: {error}")))?;
             let outcome = self.attempt(&image, &args, options, &scratch.0, &mut steps)?;
             match outcome {
                 AttemptOutcome::Aborted(detail) => {
-                    self.note(&format!(
-                        "the outer QEMU aborted on attempt {attempt} of {max_attempts} ({detail})"
-                    ));
+                    self.note(&format!("the outer QEMU aborted on attempt {attempt} of {max_attempts} ({detail})"));
                     aborts.push(detail);
                     if attempt < max_attempts {
                         self.note("retrying the whole run");
@@ -975,10 +831,7 @@ impl Rig {
                 }
             }
         }
-        Err(RunError::OuterAbort {
-            attempts: max_attempts.max(1),
-            detail: aborts.pop().unwrap_or_default(),
-        })
+        Err(RunError::OuterAbort { attempts: max_attempts.max(1), detail: aborts.pop().unwrap_or_default() })
     }
 
     fn note(&self, message: &str) {
@@ -1016,19 +869,11 @@ impl Rig {
         .map(str::to_owned)
         .to_vec();
         args.extend(["-m".into(), format!("{l1_memory}M")]);
-        args.extend([
-            "-kernel".into(),
-            path(&self.l1.kernel),
-            "-initrd".into(),
-            path(&self.l1.initrd),
-        ]);
+        args.extend(["-kernel".into(), path(&self.l1.kernel), "-initrd".into(), path(&self.l1.initrd)]);
         args.extend(["-append".into(), L1_CMDLINE.into()]);
         // In this order they become L1's /dev/vda, /dev/vdb and /dev/vdc.
         for file in [self.l1.root.as_path(), image, args_file] {
-            args.extend([
-                "-drive".into(),
-                format!("file={},format=raw,if=virtio,readonly=on", path(file)),
-            ]);
+            args.extend(["-drive".into(), format!("file={},format=raw,if=virtio,readonly=on", path(file))]);
         }
         args.extend([
             "-chardev".into(),
@@ -1040,10 +885,7 @@ impl Rig {
             "-serial".into(),
             "chardev:l2-serial".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=l2-qmp,path={},server=on,wait=off",
-                path(qmp_socket)
-            ),
+            format!("socket,id=l2-qmp,path={},server=on,wait=off", path(qmp_socket)),
             "-serial".into(),
             "chardev:l2-qmp".into(),
             "-device".into(),
@@ -1078,9 +920,7 @@ impl Rig {
         };
         let started = Instant::now();
         let deadline = started + options.time_limit;
-        let child = command
-            .spawn()
-            .map_err(setup_error(format!("starting {}", self.qemu.display())))?;
+        let child = command.spawn().map_err(setup_error(format!("starting {}", self.qemu.display())))?;
         let mut outer = OuterGuard { child };
 
         // L2's serial port: the outer QEMU's stdout.
@@ -1115,22 +955,15 @@ impl Rig {
         };
         let exited = Arc::new(AtomicBool::new(false));
         let l1_console = Arc::new(SharedLog::default());
-        let console_thread = tail_l1_console(
-            l1_log.clone(),
-            Arc::clone(&l1_console),
-            Arc::clone(&exited),
-            options.echo,
-        );
+        let console_thread =
+            tail_l1_console(l1_log.clone(), Arc::clone(&l1_console), Arc::clone(&exited), options.echo);
         // Stops the console thread however this function is left (an error, a panicking step).
         let _stop_console = SetOnDrop(Arc::clone(&exited));
 
         // The QMP socket appears as soon as the outer QEMU has parsed its options; connect before L2 starts so
         // that its greeting is not lost.
-        let qmp_stream = if options.l2.qmp {
-            Some(connect_qmp(&qmp_socket, &mut outer.child, deadline)?)
-        } else {
-            None
-        };
+        let qmp_stream =
+            if options.l2.qmp { Some(connect_qmp(&qmp_socket, &mut outer.child, deadline)?) } else { None };
         let transcript = Arc::new(Mutex::new(Vec::new()));
         let mut session = Session {
             l2_serial: Arc::clone(&l2_serial),
@@ -1144,11 +977,8 @@ impl Rig {
 
         // Wait for the outer QEMU to end (L1 powers off after L2 exits), or the time limit; after a failed step,
         // only for a short grace.
-        let wait_until = if step_result.is_err() {
-            deadline.min(Instant::now() + STEP_FAILURE_GRACE)
-        } else {
-            deadline
-        };
+        let wait_until =
+            if step_result.is_err() { deadline.min(Instant::now() + STEP_FAILURE_GRACE) } else { deadline };
         let status = loop {
             match outer.child.try_wait() {
                 Ok(Some(status)) => break Some(status),
@@ -1159,9 +989,7 @@ impl Rig {
                 }
                 Ok(None) => thread::sleep(Duration::from_millis(50)),
                 Err(error) => {
-                    return Err(RunError::Setup(format!(
-                        "waiting for the outer QEMU: {error}"
-                    )));
+                    return Err(RunError::Setup(format!("waiting for the outer QEMU: {error}")));
                 }
             }
         };
@@ -1172,12 +1000,7 @@ impl Rig {
         let l2_started = console_thread.join().ok().flatten();
         let console = l1_console.text();
         let serial = l2_serial.text();
-        self.keep_last_run(
-            &console,
-            &serial,
-            &stderr,
-            &transcript.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+        self.keep_last_run(&console, &serial, &stderr, &transcript.lock().unwrap_or_else(|p| p.into_inner()));
 
         let end = classify_attempt(status, &stderr, &console);
         match end {
@@ -1187,10 +1010,7 @@ impl Rig {
                 Err(step_error) if Instant::now() < deadline => Err(step_error),
                 Err(step_error) => Err(RunError::Timeout {
                     limit: options.time_limit,
-                    phase: format!(
-                        "{} (a step had failed: {step_error})",
-                        phase_reached(&console, &serial)
-                    ),
+                    phase: format!("{} (a step had failed: {step_error})", phase_reached(&console, &serial)),
                     l2_tail: tail(&serial, 20),
                 }),
                 Ok(_) => Err(RunError::Timeout {
@@ -1199,10 +1019,7 @@ impl Rig {
                     l2_tail: tail(&serial, 20),
                 }),
             },
-            AttemptEnd::L1Failed(reason) => Err(RunError::L1Failure {
-                reason,
-                l1_tail: tail(&console, 20),
-            }),
+            AttemptEnd::L1Failed(reason) => Err(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }),
             AttemptEnd::L2Exited(l2_status) => {
                 let value = step_result?;
                 let l2_exit = Exit::from_status(ExitStatus::from_raw((l2_status & 0xff) << 8));
@@ -1268,25 +1085,16 @@ enum AttemptOutcome<T> {
 }
 
 /// Connects to the outer QEMU's QMP socket server, waiting for it to appear.
-fn connect_qmp(
-    socket: &Path,
-    child: &mut Child,
-    deadline: Instant,
-) -> Result<UnixStream, RunError> {
+fn connect_qmp(socket: &Path, child: &mut Child, deadline: Instant) -> Result<UnixStream, RunError> {
     loop {
         match UnixStream::connect(socket) {
             Ok(stream) => return Ok(stream),
             Err(error) => {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(RunError::Setup(format!(
-                        "the outer QEMU exited at start ({status})"
-                    )));
+                    return Err(RunError::Setup(format!("the outer QEMU exited at start ({status})")));
                 }
                 if Instant::now() >= deadline {
-                    return Err(RunError::Setup(format!(
-                        "QMP socket {}: {error}",
-                        socket.display()
-                    )));
+                    return Err(RunError::Setup(format!("QMP socket {}: {error}", socket.display())));
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -1345,34 +1153,20 @@ fn classify_attempt(status: Option<ExitStatus>, stderr: &str, console: &str) -> 
     let Some(status) = status else {
         return AttemptEnd::TimedOut;
     };
-    let assertion = stderr
-        .lines()
-        .find(|line| line.contains("assertion failed"))
-        .map(str::trim);
+    let assertion = stderr.lines().find(|line| line.contains("assertion failed")).map(str::trim);
     if status.signal() == Some(6) || status.code() == Some(134) {
         return AttemptEnd::Aborted(assertion.unwrap_or("SIGABRT").to_owned());
     }
-    let marker = |prefix: &str| {
-        console
-            .lines()
-            .find_map(|line| line.trim_end().strip_prefix(prefix).map(str::to_owned))
-    };
+    let marker =
+        |prefix: &str| console.lines().find_map(|line| line.trim_end().strip_prefix(prefix).map(str::to_owned));
     if let Some(reason) = marker("rig-l1: fail: ") {
         return AttemptEnd::L1Failed(reason);
     }
     if let Some(status) = marker("rig-l1: l2-exit=").and_then(|value| value.trim().parse().ok()) {
         return AttemptEnd::L2Exited(status);
     }
-    let last_stderr = stderr
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("")
-        .trim();
-    let l1_panic = console
-        .lines()
-        .find(|line| line.contains("Kernel panic"))
-        .map(str::trim);
+    let last_stderr = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("").trim();
+    let l1_panic = console.lines().find(|line| line.contains("Kernel panic")).map(str::trim);
     let reason = match (l1_panic, last_stderr) {
         (Some(panic), _) => format!("L1's kernel panicked: {panic}"),
         (None, "") => format!("L1 ended without reporting L2's exit (outer QEMU {status})"),
@@ -1386,11 +1180,7 @@ fn classify_attempt(status: Option<ExitStatus>, stderr: &str, console: &str) -> 
 /// Where a run had got to, from L1's console and L2's serial log, for timeout messages.
 fn phase_reached(console: &str, serial: &str) -> String {
     if console.contains("rig-l1: starting L2") {
-        if serial.is_empty() {
-            "L2 was starting (no serial output yet)".into()
-        } else {
-            "L2 was running".into()
-        }
+        if serial.is_empty() { "L2 was starting (no serial output yet)".into() } else { "L2 was running".into() }
     } else if console.contains("rig-l1: kvm ready") {
         "L1 was preparing L2".into()
     } else if console.contains("rig-l1: init started") {
@@ -1418,17 +1208,13 @@ pub fn run_cli(image: Option<&Path>, options: &RunOptions) -> std::process::Exit
         }
     };
     match &rig.origin {
-        L1Origin::Cached => eprintln!(
-            "rig: L1 is cached in {}",
-            rig.l1.root.parent().unwrap_or(Path::new("")).display()
-        ),
+        L1Origin::Cached => {
+            eprintln!("rig: L1 is cached in {}", rig.l1.root.parent().unwrap_or(Path::new("")).display())
+        }
         L1Origin::Built(took) => eprintln!("rig: L1 built in {:.0} s", took.as_secs_f64()),
     }
     let Some(image) = image else {
-        eprintln!(
-            "rig: ready; the outer QEMU will use the {}",
-            rig.tcg.describe()
-        );
+        eprintln!("rig: ready; the outer QEMU will use the {}", rig.tcg.describe());
         return ExitCode::SUCCESS;
     };
     match rig.run(image, options) {
@@ -1447,10 +1233,7 @@ pub fn run_cli(image: Option<&Path>, options: &RunOptions) -> std::process::Exit
 }
 
 fn seconds(duration: Option<Duration>) -> String {
-    duration.map_or_else(
-        || "-".to_owned(),
-        |duration| format!("{:.1} s", duration.as_secs_f64()),
-    )
+    duration.map_or_else(|| "-".to_owned(), |duration| format!("{:.1} s", duration.as_secs_f64()))
 }
 
 #[cfg(test)]
@@ -1470,9 +1253,7 @@ mod tests {
         assert!(args.contains("-device hv-balloon,id=balloon0,status-report=on"));
         assert!(args.contains("-m 512M "));
         assert!(args.contains("-serial /dev/ttyS1"));
-        assert!(args.contains(
-            "-chardev serial,id=rig-qmp,path=/dev/ttyS2 -mon chardev=rig-qmp,mode=control"
-        ));
+        assert!(args.contains("-chardev serial,id=rig-qmp,path=/dev/ttyS2 -mon chardev=rig-qmp,mode=control"));
         assert!(args.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"));
         assert!(args.contains(&format!("file={L1_L2_IMAGE}")));
     }
@@ -1481,10 +1262,7 @@ mod tests {
     fn l2_options_change_the_arguments() {
         let mut options = L2Options {
             memory_mib: 1024,
-            balloon: Balloon::On {
-                status_report: false,
-                hot_add_mib: Some(2048),
-            },
+            balloon: Balloon::On { status_report: false, hot_add_mib: Some(2048) },
             qmp: false,
             vmbus_bridge: false,
             extra_args: vec!["-trace".into(), "vmbus*".into()],
@@ -1498,23 +1276,11 @@ mod tests {
         assert!(text.contains("-object memory-backend-ram,id=balloon-mem,size=2048M"));
         assert!(text.contains("-device hv-balloon,id=balloon0,memdev=balloon-mem"));
         assert!(text.contains(",hv-vapic,kvm=off"));
-        assert!(
-            !text.contains("vmbus-bridge")
-                && !text.contains("status-report")
-                && !text.contains("-mon")
-        );
-        assert_eq!(
-            args[args.len() - 2..],
-            ["-trace".to_owned(), "vmbus*".to_owned()]
-        );
+        assert!(!text.contains("vmbus-bridge") && !text.contains("status-report") && !text.contains("-mon"));
+        assert_eq!(args[args.len() - 2..], ["-trace".to_owned(), "vmbus*".to_owned()]);
         assert_eq!(options.max_memory_mib(), 3072);
 
-        let off = L2Options {
-            balloon: Balloon::Off,
-            ..L2Options::default()
-        }
-        .qemu_args()
-        .join(" ");
+        let off = L2Options { balloon: Balloon::Off, ..L2Options::default() }.qemu_args().join(" ");
         assert!(!off.contains("hv-balloon"));
     }
 
@@ -1525,10 +1291,7 @@ mod tests {
         assert!(file.starts_with(b"-m\n512M\n\n"));
         assert!(file[8..].iter().all(|&byte| byte == b'\n'));
         let long: Vec<String> = (0..1000).map(|index| format!("arg{index}")).collect();
-        assert_eq!(
-            l2_argument_file(&long).unwrap().len() % ARGUMENT_FILE_BLOCK,
-            0
-        );
+        assert_eq!(l2_argument_file(&long).unwrap().len() % ARGUMENT_FILE_BLOCK, 0);
         assert!(l2_argument_file(&["a\nb".into()]).is_err());
         assert!(l2_argument_file(&[String::new()]).is_err());
     }
@@ -1540,62 +1303,30 @@ mod tests {
             "**\nERROR:../../accel/tcg/tcg-accel-ops.c:81:tcg_handle_interrupt: assertion failed: (x)\n",
             "rig-l1: starting L2",
         );
-        assert!(
-            matches!(abort, AttemptEnd::Aborted(detail) if detail.contains("tcg_handle_interrupt"))
-        );
-        assert!(matches!(
-            classify_attempt(status(134), "", ""),
-            AttemptEnd::Aborted(_)
-        ));
-        assert!(matches!(
-            classify_attempt(None, "", ""),
-            AttemptEnd::TimedOut
-        ));
-        let no_kvm = classify_attempt(
-            status(255),
-            "",
-            "rig-l1: init\nrig-l1: fail: modprobe kvm_amd failed\n",
-        );
-        assert!(
-            matches!(no_kvm, AttemptEnd::L1Failed(reason) if reason == "modprobe kvm_amd failed")
-        );
-        let l2 = classify_attempt(
-            status(33),
-            "",
-            "rig-l1: L2 exited (at 30s)\nrig-l1: l2-exit=33\n",
-        );
+        assert!(matches!(abort, AttemptEnd::Aborted(detail) if detail.contains("tcg_handle_interrupt")));
+        assert!(matches!(classify_attempt(status(134), "", ""), AttemptEnd::Aborted(_)));
+        assert!(matches!(classify_attempt(None, "", ""), AttemptEnd::TimedOut));
+        let no_kvm = classify_attempt(status(255), "", "rig-l1: init\nrig-l1: fail: modprobe kvm_amd failed\n");
+        assert!(matches!(no_kvm, AttemptEnd::L1Failed(reason) if reason == "modprobe kvm_amd failed"));
+        let l2 = classify_attempt(status(33), "", "rig-l1: L2 exited (at 30s)\nrig-l1: l2-exit=33\n");
         assert!(matches!(l2, AttemptEnd::L2Exited(33)));
         let even = classify_attempt(status(255), "", "rig-l1: l2-exit=0\n");
         assert!(matches!(even, AttemptEnd::L2Exited(0)));
-        let panic = classify_attempt(
-            status(0),
-            "",
-            "[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root\n",
-        );
-        assert!(
-            matches!(panic, AttemptEnd::L1Failed(reason) if reason.contains("Unable to mount root"))
-        );
+        let panic = classify_attempt(status(0), "", "[ 3.1] Kernel panic - not syncing: VFS: Unable to mount root\n");
+        assert!(matches!(panic, AttemptEnd::L1Failed(reason) if reason.contains("Unable to mount root")));
         let silent = classify_attempt(status(1), "qemu: could not open file\n", "");
-        assert!(
-            matches!(silent, AttemptEnd::L1Failed(reason) if reason.contains("could not open file"))
-        );
+        assert!(matches!(silent, AttemptEnd::L1Failed(reason) if reason.contains("could not open file")));
     }
 
     #[test]
     fn timeouts_name_the_phase() {
         assert_eq!(phase_reached("", ""), "L1 was booting");
-        assert_eq!(
-            phase_reached("rig-l1: init started", ""),
-            "L1 was loading kvm_amd"
-        );
+        assert_eq!(phase_reached("rig-l1: init started", ""), "L1 was loading kvm_amd");
         assert_eq!(
             phase_reached("rig-l1: kvm ready\nrig-l1: starting L2", ""),
             "L2 was starting (no serial output yet)"
         );
-        assert_eq!(
-            phase_reached("rig-l1: starting L2", "hv-unikernel"),
-            "L2 was running"
-        );
+        assert_eq!(phase_reached("rig-l1: starting L2", "hv-unikernel"), "L2 was running");
     }
 
     #[test]
@@ -1619,17 +1350,11 @@ mod tests {
             })
         };
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(
-            log.wait_for("Microsoft Hv", deadline).unwrap(),
-            "hypervisor: \"Microsoft Hv\""
-        );
+        assert_eq!(log.wait_for("Microsoft Hv", deadline).unwrap(), "hypervisor: \"Microsoft Hv\"");
         writer.join().unwrap();
         assert_eq!(log.wait_for("never", deadline), Err("the log ended"));
         assert_eq!(log.text(), "first line\nhypervisor: \"Microsoft Hv\"\n");
         let open = SharedLog::default();
-        assert_eq!(
-            open.wait_for("x", Instant::now() + Duration::from_millis(10)),
-            Err("timed out")
-        );
+        assert_eq!(open.wait_for("x", Instant::now() + Duration::from_millis(10)), Err("timed out"));
     }
 }

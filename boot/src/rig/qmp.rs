@@ -50,11 +50,7 @@ impl fmt::Display for QmpError {
             }
             QmpError::Closed => f.write_str("QMP: the stream closed (L2's QEMU or the run ended)"),
             QmpError::Malformed { line } => write!(f, "QMP: not a JSON object: {line:?}"),
-            QmpError::Command {
-                command,
-                class,
-                desc,
-            } => write!(f, "QMP command {command} failed: {class}: {desc}"),
+            QmpError::Command { command, class, desc } => write!(f, "QMP command {command} failed: {class}: {desc}"),
         }
     }
 }
@@ -81,14 +77,7 @@ impl Qmp {
     /// Wraps a connected stream; lines sent and received are appended to `transcript`.
     pub fn new(stream: UnixStream, transcript: Arc<Mutex<Vec<String>>>) -> io::Result<Qmp> {
         let reader = BufReader::new(stream.try_clone()?);
-        Ok(Qmp {
-            writer: stream,
-            reader,
-            transcript,
-            events: Vec::new(),
-            greeting: None,
-            ready: false,
-        })
+        Ok(Qmp { writer: stream, reader, transcript, events: Vec::new(), greeting: None, ready: false })
     }
 
     /// Waits (up to `timeout`) for QEMU's greeting, then enters command mode with `qmp_capabilities`.
@@ -110,12 +99,7 @@ impl Qmp {
 
     /// Runs `command` with optional `arguments` (a JSON object) and returns the value of its `return`,
     /// waiting up to `timeout` (the handshake, if not yet done, shares that time).
-    pub fn execute(
-        &mut self,
-        command: &str,
-        arguments: Option<Json>,
-        timeout: Duration,
-    ) -> Result<Json, QmpError> {
+    pub fn execute(&mut self, command: &str, arguments: Option<Json>, timeout: Duration) -> Result<Json, QmpError> {
         let deadline = Instant::now() + timeout;
         if !self.ready {
             self.handshake(timeout)?;
@@ -144,12 +128,7 @@ impl Qmp {
         }
     }
 
-    fn send_and_wait(
-        &mut self,
-        command: &str,
-        arguments: Option<Json>,
-        deadline: Instant,
-    ) -> Result<Json, QmpError> {
+    fn send_and_wait(&mut self, command: &str, arguments: Option<Json>, deadline: Instant) -> Result<Json, QmpError> {
         let mut request = vec![("execute", Json::from(command))];
         if let Some(arguments) = arguments {
             request.push(("arguments", arguments));
@@ -165,13 +144,7 @@ impl Qmp {
                 return Ok(value.clone());
             }
             if let Some(error) = message.get("error") {
-                let text = |name| {
-                    error
-                        .get(name)
-                        .and_then(Json::as_str)
-                        .unwrap_or("")
-                        .to_owned()
-                };
+                let text = |name| error.get(name).and_then(Json::as_str).unwrap_or("").to_owned();
                 return Err(QmpError::Command {
                     command: command.to_owned(),
                     class: text("class"),
@@ -189,13 +162,9 @@ impl Qmp {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(QmpError::Timeout {
-                    waiting_for: waiting_for.to_owned(),
-                });
+                return Err(QmpError::Timeout { waiting_for: waiting_for.to_owned() });
             }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))?;
+            self.reader.get_ref().set_read_timeout(Some((deadline - now).max(Duration::from_millis(1))))?;
             match self.reader.read_until(b'\n', &mut line) {
                 Ok(0) => return Err(QmpError::Closed),
                 Ok(_) if line.ends_with(b"\n") => {
@@ -206,13 +175,10 @@ impl Qmp {
                     };
                     let json_text = &text[start..];
                     self.record(format!("<- {json_text}"));
-                    let message = Json::parse(json_text).map_err(|_| QmpError::Malformed {
-                        line: json_text.to_owned(),
-                    })?;
+                    let message =
+                        Json::parse(json_text).map_err(|_| QmpError::Malformed { line: json_text.to_owned() })?;
                     if !matches!(message, Json::Object(_)) {
-                        return Err(QmpError::Malformed {
-                            line: json_text.to_owned(),
-                        });
+                        return Err(QmpError::Malformed { line: json_text.to_owned() });
                     }
                     if message.get("event").is_some() {
                         self.events.push(message.clone());
@@ -221,12 +187,7 @@ impl Qmp {
                 }
                 // A partial line at end of stream or after a timeout: keep it and read on.
                 Ok(_) => continue,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     continue;
                 }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -248,16 +209,11 @@ mod tests {
     use std::thread;
 
     /// A scripted QEMU: sends the greeting, then answers each line it reads with the next canned reply.
-    fn scripted_peer(
-        peer: UnixStream,
-        replies: Vec<&'static str>,
-    ) -> thread::JoinHandle<Vec<String>> {
+    fn scripted_peer(peer: UnixStream, replies: Vec<&'static str>) -> thread::JoinHandle<Vec<String>> {
         thread::spawn(move || {
             let mut writer = peer.try_clone().unwrap();
             let mut reader = BufReader::new(peer);
-            writer
-                .write_all(b"\x00garbage\r\n{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
-                .unwrap();
+            writer.write_all(b"\x00garbage\r\n{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").unwrap();
             let mut received = Vec::new();
             for reply in replies {
                 let mut line = String::new();
@@ -282,20 +238,11 @@ mod tests {
         );
         let transcript = Arc::new(Mutex::new(Vec::new()));
         let mut qmp = Qmp::new(client, transcript.clone()).unwrap();
-        let answer = qmp
-            .execute("query-balloon", None, Duration::from_secs(5))
-            .unwrap();
-        assert_eq!(
-            answer.get("actual").and_then(Json::as_i64),
-            Some(536_870_912)
-        );
+        let answer = qmp.execute("query-balloon", None, Duration::from_secs(5)).unwrap();
+        assert_eq!(answer.get("actual").and_then(Json::as_i64), Some(536_870_912));
         assert_eq!(qmp.events().len(), 1);
         let error = qmp
-            .execute(
-                "balloon",
-                Some(Json::object([("value", Json::from(1_i64 << 28))])),
-                Duration::from_secs(5),
-            )
+            .execute("balloon", Some(Json::object([("value", Json::from(1_i64 << 28))])), Duration::from_secs(5))
             .unwrap_err();
         assert!(
             matches!(&error, QmpError::Command { class, .. } if class == "DeviceNotActive"),
@@ -311,17 +258,8 @@ mod tests {
             ]
         );
         let transcript = transcript.lock().unwrap();
-        assert_eq!(
-            transcript.first().map(String::as_str),
-            Some(r#"<- {"QMP": {"version": {}, "capabilities": []}}"#)
-        );
-        assert_eq!(
-            transcript
-                .iter()
-                .filter(|line| line.starts_with("-> "))
-                .count(),
-            3
-        );
+        assert_eq!(transcript.first().map(String::as_str), Some(r#"<- {"QMP": {"version": {}, "capabilities": []}}"#));
+        assert_eq!(transcript.iter().filter(|line| line.starts_with("-> ")).count(), 3);
         assert_eq!(transcript.len(), 8);
     }
 
@@ -332,9 +270,6 @@ mod tests {
         let error = qmp.handshake(Duration::from_millis(50)).unwrap_err();
         assert!(matches!(error, QmpError::Timeout { .. }), "{error}");
         drop(peer);
-        assert!(matches!(
-            qmp.handshake(Duration::from_secs(5)).unwrap_err(),
-            QmpError::Closed
-        ));
+        assert!(matches!(qmp.handshake(Duration::from_secs(5)).unwrap_err(), QmpError::Closed));
     }
 }

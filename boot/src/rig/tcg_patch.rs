@@ -42,18 +42,12 @@ pub const KNOWN_BUILDS: &[KnownBuild] = &[KnownBuild {
     expected: &[
         // tcg_handle_interrupt+0x10: test %al,%al ; jne +0x24 (lock held: skip the assertion call)
         // then the start of the assertion's argument set-up (lea 0x17ee(%rip),%r8), dead after the patch.
-        (
-            0x2840,
-            &[0x84, 0xc0, 0x75, 0x24, 0x4c, 0x8d, 0x05, 0xee, 0x17],
-        ),
+        (0x2840, &[0x84, 0xc0, 0x75, 0x24, 0x4c, 0x8d, 0x05, 0xee, 0x17]),
         // tcg_handle_interrupt+0x38: or %ebp,0xd8(%rbx) -- the update the patch makes atomic; the kick follows at 0x286e.
         (0x2868, &[0x09, 0xab, 0xd8, 0x00, 0x00, 0x00]),
     ],
     // lock or %ebp,0xd8(%rbx) ; jmp short 0x286e (0x2849 + 0x25)
-    patch: (
-        0x2840,
-        &[0xf0, 0x09, 0xab, 0xd8, 0x00, 0x00, 0x00, 0xeb, 0x25],
-    ),
+    patch: (0x2840, &[0xf0, 0x09, 0xab, 0xd8, 0x00, 0x00, 0x00, 0xeb, 0x25]),
 }];
 
 /// What the rig runs the outer QEMU with.
@@ -78,10 +72,7 @@ impl TcgModule {
     pub fn describe(&self) -> String {
         match self {
             TcgModule::Patched { dir, package } => {
-                format!(
-                    "patched private copy of {MODULE_NAME} ({package}) in {}",
-                    dir.display()
-                )
+                format!("patched private copy of {MODULE_NAME} ({package}) in {}", dir.display())
             }
             TcgModule::Unpatched { reason } => {
                 format!("unpatched host QEMU ({reason}); TCG aborts will be retried")
@@ -96,18 +87,14 @@ pub fn patch_bytes(module: &[u8], build: &KnownBuild) -> Result<Vec<u8>, String>
         match module.get(offset..offset + bytes.len()) {
             Some(found) if found == bytes => {}
             Some(found) => {
-                return Err(format!(
-                    "bytes at {offset:#x} are {found:02x?}, expected {bytes:02x?}"
-                ));
+                return Err(format!("bytes at {offset:#x} are {found:02x?}, expected {bytes:02x?}"));
             }
             None => return Err(format!("module too short for offset {offset:#x}")),
         }
     }
     let (offset, bytes) = build.patch;
     let mut patched = module.to_vec();
-    let target = patched
-        .get_mut(offset..offset + bytes.len())
-        .ok_or("patch range outside the module")?;
+    let target = patched.get_mut(offset..offset + bytes.len()).ok_or("patch range outside the module")?;
     target.copy_from_slice(bytes);
     Ok(patched)
 }
@@ -130,10 +117,7 @@ pub fn prepare_module(
     };
     let sha256 = sha256_hex(&module)?;
     let Some(build) = known.iter().find(|build| build.sha256 == sha256) else {
-        let reason = format!(
-            "{} has sha256 {sha256}, which the patch was not derived for",
-            source.display()
-        );
+        let reason = format!("{} has sha256 {sha256}, which the patch was not derived for", source.display());
         return Ok((Some(sha256), TcgModule::Unpatched { reason }));
     };
     let patched = match patch_bytes(&module, build) {
@@ -145,13 +129,7 @@ pub fn prepare_module(
     let temporary = private_dir.join(format!(".{MODULE_NAME}.new"));
     fs::write(&temporary, &patched)?;
     fs::rename(&temporary, private_dir.join(MODULE_NAME))?;
-    Ok((
-        Some(sha256),
-        TcgModule::Patched {
-            dir: private_dir.to_owned(),
-            package: build.package,
-        },
-    ))
+    Ok((Some(sha256), TcgModule::Patched { dir: private_dir.to_owned(), package: build.package }))
 }
 
 #[cfg(test)]
@@ -161,44 +139,29 @@ mod tests {
     const FAKE_EXPECTED: &[(usize, &[u8])] = &[(2, &[0xaa, 0xbb]), (6, &[0xcc])];
 
     fn fake_build(sha256: &'static str) -> KnownBuild {
-        KnownBuild {
-            sha256,
-            package: "fake",
-            expected: FAKE_EXPECTED,
-            patch: (2, &[0x11, 0x22, 0x33]),
-        }
+        KnownBuild { sha256, package: "fake", expected: FAKE_EXPECTED, patch: (2, &[0x11, 0x22, 0x33]) }
     }
 
     #[test]
     fn patches_only_when_every_expected_byte_matches() {
         let module = [0, 1, 0xaa, 0xbb, 4, 5, 0xcc, 7];
         let build = fake_build("unused");
-        assert_eq!(
-            patch_bytes(&module, &build).unwrap(),
-            [0, 1, 0x11, 0x22, 0x33, 5, 0xcc, 7]
-        );
+        assert_eq!(patch_bytes(&module, &build).unwrap(), [0, 1, 0x11, 0x22, 0x33, 5, 0xcc, 7]);
         let mut wrong = module;
         wrong[6] = 0xcd;
         assert!(patch_bytes(&wrong, &build).unwrap_err().contains("0x6"));
-        assert!(
-            patch_bytes(&module[..5], &build)
-                .unwrap_err()
-                .contains("too short")
-        );
+        assert!(patch_bytes(&module[..5], &build).unwrap_err().contains("too short"));
     }
 
     #[test]
     fn the_known_patch_stays_inside_the_checked_bytes() {
         for build in KNOWN_BUILDS {
             let (offset, bytes) = build.patch;
-            let covered = build.expected.iter().any(|&(start, expected)| {
-                start <= offset && offset + bytes.len() <= start + expected.len()
-            });
-            assert!(
-                covered,
-                "{}: the patch overwrites bytes it did not check",
-                build.package
-            );
+            let covered = build
+                .expected
+                .iter()
+                .any(|&(start, expected)| start <= offset && offset + bytes.len() <= start + expected.len());
+            assert!(covered, "{}: the patch overwrites bytes it did not check", build.package);
             assert_eq!(build.sha256.len(), 64);
             // The short jump lands on the instruction after the OR it makes atomic (0x2868 + 6).
             let jump_end = offset + bytes.len();
@@ -217,34 +180,17 @@ mod tests {
         let private = dir.join("private");
 
         let (sha, outcome) = prepare_module(&source, &private, &[fake_build("0000")]).unwrap();
-        assert!(
-            matches!(outcome, TcgModule::Unpatched { .. }),
-            "{outcome:?}"
-        );
+        assert!(matches!(outcome, TcgModule::Unpatched { .. }), "{outcome:?}");
         assert!(!private.exists());
 
         let sha = sha.unwrap();
         let known: &'static str = Box::leak(sha.clone().into_boxed_str());
         let (_, outcome) = prepare_module(&source, &private, &[fake_build(known)]).unwrap();
-        assert_eq!(
-            outcome,
-            TcgModule::Patched {
-                dir: private.clone(),
-                package: "fake"
-            }
-        );
-        assert_eq!(
-            fs::read(private.join(MODULE_NAME)).unwrap(),
-            [0, 1, 0x11, 0x22, 0x33, 5, 0xcc, 7]
-        );
-        assert_eq!(
-            fs::read(&source).unwrap(),
-            module,
-            "the source must stay untouched"
-        );
+        assert_eq!(outcome, TcgModule::Patched { dir: private.clone(), package: "fake" });
+        assert_eq!(fs::read(private.join(MODULE_NAME)).unwrap(), [0, 1, 0x11, 0x22, 0x33, 5, 0xcc, 7]);
+        assert_eq!(fs::read(&source).unwrap(), module, "the source must stay untouched");
 
-        let (sha, outcome) =
-            prepare_module(&dir.join("absent.so"), &private, KNOWN_BUILDS).unwrap();
+        let (sha, outcome) = prepare_module(&dir.join("absent.so"), &private, KNOWN_BUILDS).unwrap();
         assert!(sha.is_none() && matches!(outcome, TcgModule::Unpatched { .. }));
         fs::remove_dir_all(&dir).unwrap();
     }
