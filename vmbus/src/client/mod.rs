@@ -15,6 +15,8 @@ mod connection;
 mod offer;
 
 #[cfg(test)]
+pub(crate) mod fake_host;
+#[cfg(test)]
 mod tests;
 
 pub use connection::{ConnectOptions, Connection, ConnectionStats, Event, GpadlId};
