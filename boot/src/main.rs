@@ -57,8 +57,11 @@ enum Cmd {
         #[arg(long = "cpu-flag")]
         cpu_flags: Vec<String>,
         /// Leave out L2's hv-balloon device.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "hot_add")]
         no_balloon: bool,
+        /// Let hv-balloon hot-add up to this many MiB to L2.
+        #[arg(long)]
+        hot_add: Option<u32>,
         /// Only build (or check) L1; boot nothing.
         #[arg(long)]
         prepare_only: bool,
@@ -125,7 +128,7 @@ fn real_main(cli: Cli) -> boot::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rig { image, cmdline, timeout, memory, cpu_flags, no_balloon, prepare_only } => {
+        Cmd::Rig { image, cmdline, timeout, memory, cpu_flags, no_balloon, hot_add, prepare_only } => {
             if prepare_only {
                 return Ok(boot::rig::run_cli(None, &boot::rig::RunOptions::default()));
             }
@@ -144,6 +147,8 @@ fn real_main(cli: Cli) -> boot::Result<ExitCode> {
             options.l2.cpu_flags.extend(cpu_flags);
             if no_balloon {
                 options.l2.balloon = boot::rig::Balloon::Off;
+            } else if let Some(mib) = hot_add {
+                options.l2.balloon = boot::rig::Balloon::On { status_report: true, hot_add_mib: Some(mib) };
             }
             Ok(boot::rig::run_cli(Some(&image), &options))
         }

@@ -377,10 +377,16 @@ pub enum Balloon {
         /// `status-report=on`: QEMU emits `HV_BALLOON_STATUS_REPORT` QMP events from the guest's reports.
         status_report: bool,
         /// Memory the device may hot-add, in MiB: a memory backend of this size as its `memdev`, with `maxmem`
-        /// raised to match.
+        /// raised to match (plus [`HV_BALLOON_ALIGNMENT_MIB`] of address space).
         hot_add_mib: Option<u32>,
     },
 }
+
+/// Guest-physical address space added to `maxmem` when hv-balloon hot-adds: QEMU places the device's memory
+/// region at a 32 GiB-aligned address, which must fall inside the device memory area `maxmem` sizes (without it,
+/// L2's QEMU refuses to start: "could not find position in guest address space for memory device"). Address space
+/// only: no memory is allocated for it.
+pub const HV_BALLOON_ALIGNMENT_MIB: u32 = 32 << 10;
 
 /// L2's QEMU options, chosen per run by the test.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -433,7 +439,7 @@ impl L2Options {
         push(&["-nodefaults", "-machine", "q35", "-accel", "kvm", "-display", "none", "-vga", "std", "-no-reboot"]);
         let memory = match self.balloon {
             Balloon::On { hot_add_mib: Some(_), .. } => {
-                format!("{}M,maxmem={}M", self.memory_mib, self.max_memory_mib())
+                format!("{}M,maxmem={}M", self.memory_mib, self.max_memory_mib() + HV_BALLOON_ALIGNMENT_MIB)
             }
             _ => format!("{}M", self.memory_mib),
         };
@@ -1211,7 +1217,8 @@ pub fn run_cli(image: Option<&Path>, options: &RunOptions) -> std::process::Exit
         L1Origin::Cached => {
             eprintln!("rig: L1 is cached in {}", rig.l1.root.parent().unwrap_or(Path::new("")).display())
         }
-        L1Origin::Built(took) => eprintln!("rig: L1 built in {:.0} s", took.as_secs_f64()),
+        // prepare() has said so.
+        L1Origin::Built(_) => {}
     }
     let Some(image) = image else {
         eprintln!("rig: ready; the outer QEMU will use the {}", rig.tcg.describe());
@@ -1272,7 +1279,7 @@ mod tests {
         options.cpu_flags.push("kvm=off".into());
         let args = options.qemu_args();
         let text = args.join(" ");
-        assert!(text.contains("-m 1024M,maxmem=3072M"));
+        assert!(text.contains("-m 1024M,maxmem=35840M"), "{text}");
         assert!(text.contains("-object memory-backend-ram,id=balloon-mem,size=2048M"));
         assert!(text.contains("-device hv-balloon,id=balloon0,memdev=balloon-mem"));
         assert!(text.contains(",hv-vapic,kvm=off"));
