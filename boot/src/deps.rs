@@ -47,9 +47,8 @@ pub fn ensure_tools() -> Result<Tools> {
 /// Finds QEMU and OVMF without installing anything.
 pub fn find_tools() -> Option<Tools> {
     let qemu = find_in_path("qemu-system-x86_64")?;
-    let (code, vars) = OVMF_CANDIDATES
-        .iter()
-        .find(|(code, vars)| Path::new(code).is_file() && Path::new(vars).is_file())?;
+    let (code, vars) =
+        OVMF_CANDIDATES.iter().find(|(code, vars)| Path::new(code).is_file() && Path::new(vars).is_file())?;
     Some(Tools { qemu, ovmf: Ovmf { code: code.into(), vars: vars.into() } })
 }
 
@@ -61,11 +60,7 @@ pub fn find_in_path(program: &str) -> Option<PathBuf> {
 
 /// Whether this process runs as root (and so may use apt-get).
 pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Installs QEMU, OVMF and qemu-utils from Debian.

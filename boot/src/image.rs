@@ -32,8 +32,7 @@ pub fn create_uefi_image(kernel: &Path, cmdline: Option<&str>, out: &Path) -> Re
         std::fs::write(&ramdisk, cmdline)?;
         boot.set_ramdisk(&ramdisk);
     }
-    boot.create_disk_image(out)
-        .map_err(|e| err!("making the UEFI disk image {}: {e:#}", out.display()))
+    boot.create_disk_image(out).map_err(|e| err!("making the UEFI disk image {}: {e:#}", out.display()))
 }
 
 /// Converts a raw image to a dynamic VHDX (the only disk format a Hyper-V Generation 2 VM boots from).
@@ -50,11 +49,7 @@ pub fn raw_to_fixed_vhd(raw: &Path, out: &Path) -> Result<()> {
     let padded = with_extension_suffix(out, "padded.raw");
     std::fs::copy(raw, &padded)?;
     std::fs::OpenOptions::new().write(true).open(&padded)?.set_len(rounded)?;
-    let result = qemu_img(
-        &["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"],
-        &padded,
-        out,
-    );
+    let result = qemu_img(&["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"], &padded, out);
     std::fs::remove_file(&padded)?;
     result
 }

@@ -25,9 +25,8 @@ pub fn workspace_root() -> PathBuf {
 
 /// The directory where `boot` keeps what it makes (kernel build, images, firmware variables).
 pub fn work_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let target = if target.is_absolute() { target } else { workspace_root().join(target) };
     target.join("boot")
 }

@@ -132,11 +132,7 @@ pub fn run(tools: &Tools, config: &RunConfig) -> Result<RunOutcome> {
     static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
     let dir = work_dir().join("runs");
     std::fs::create_dir_all(&dir)?;
-    let vars = dir.join(format!(
-        "vars-{}-{}.fd",
-        std::process::id(),
-        RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let vars = dir.join(format!("vars-{}-{}.fd", std::process::id(), RUN_COUNTER.fetch_add(1, Ordering::Relaxed)));
     std::fs::copy(&tools.ovmf.vars, &vars)
         .map_err(|e| err!("copying the OVMF variable store {}: {e}", tools.ovmf.vars.display()))?;
 
