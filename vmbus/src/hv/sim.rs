@@ -7,6 +7,9 @@
 //!   payload of at most 240 bytes (INVALID_PARAMETER), a registered connection (INVALID_CONNECTION_ID) to a
 //!   message port (INVALID_PORT_ID), at most [`PORT_MESSAGE_BUFFERS`] undelivered messages per port
 //!   (INSUFFICIENT_BUFFERS).
+//!   A message port may carry a host-side [`PostFilter`] that refuses a payload at hypercall time (QEMU's VMBus
+//!   host validates in its PostMessage handler the same way; the VMBus server uses it to refuse INITIATE_CONTACT
+//!   on the wrong connection id).
 //! - SignalEvent: the SignalEvents privilege, a registered event port, a flag below the port's flag count.
 //! - Host → guest messages: one slot per SINT; while it is busy later messages queue (at most
 //!   [`PORT_MESSAGE_BUFFERS`]) and MessagePending is set in the slot; only a write to EOM delivers the next one
@@ -19,6 +22,7 @@
 //! A "fault" (what would be #GP or #UD on hardware: an unknown MSR, a hypercall with no hypercall page) is a
 //! guest bug and panics with an explanation. Synthetic timers are stored but not run.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 use core::sync::atomic::{self, AtomicU64, Ordering};
@@ -177,6 +181,33 @@ pub struct PostedMessage {
     pub payload: Vec<u8>,
 }
 
+/// A host-side admission check on a message port, run inside PostMessage before the message takes a buffer:
+/// `Err(status)` refuses the payload and the guest's hypercall returns that status; nothing is queued.
+///
+/// It runs with the simulator's state locked, so it must not call back into the [`SimHypervisor`].
+pub struct PostFilter(Box<PostCheck>);
+
+/// The check a [`PostFilter`] runs on each payload.
+type PostCheck = dyn Fn(&[u8]) -> Result<(), HvError> + Send;
+
+impl PostFilter {
+    /// Wraps `check`, which sees each payload posted to the port.
+    pub fn new(check: impl Fn(&[u8]) -> Result<(), HvError> + Send + 'static) -> PostFilter {
+        PostFilter(Box::new(check))
+    }
+
+    /// Runs the check on `payload`.
+    pub fn check(&self, payload: &[u8]) -> Result<(), HvError> {
+        (self.0)(payload)
+    }
+}
+
+impl core::fmt::Debug for PostFilter {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("PostFilter(..)")
+    }
+}
+
 /// The host end of a guest connection.
 #[derive(Debug)]
 enum HostPort {
@@ -222,6 +253,8 @@ struct State {
     registers: Registers,
     time_ref_count: u64,
     ports: BTreeMap<u32, HostPort>,
+    /// Admission checks of message ports, by connection id.
+    post_filters: BTreeMap<u32, PostFilter>,
     sints: [SintState; SINT_COUNT],
     eoms: u64,
 }
@@ -293,6 +326,7 @@ impl SimHypervisor {
             registers,
             time_ref_count: 0,
             ports: BTreeMap::new(),
+            post_filters: BTreeMap::new(),
             sints: core::array::from_fn(|_| SintState {
                 slot: HvMessage::EMPTY,
                 queue: VecDeque::new(),
@@ -312,9 +346,24 @@ impl SimHypervisor {
 
     // ---- host side ----
 
-    /// Lets the guest post messages to `connection_id` (replacing any earlier port with that id).
+    /// Lets the guest post messages to `connection_id` (replacing any earlier port with that id, and its filter).
     pub fn register_message_port(&self, connection_id: u32) {
-        self.state.lock().ports.insert(
+        let mut state = self.state.lock();
+        state.post_filters.remove(&connection_id);
+        state.ports.insert(
+            connection_id,
+            HostPort::Message {
+                queue: VecDeque::new(),
+            },
+        );
+    }
+
+    /// Like [`register_message_port`](Self::register_message_port), with `filter` deciding at PostMessage time
+    /// whether each payload is accepted.
+    pub fn register_filtered_message_port(&self, connection_id: u32, filter: PostFilter) {
+        let mut state = self.state.lock();
+        state.post_filters.insert(connection_id, filter);
+        state.ports.insert(
             connection_id,
             HostPort::Message {
                 queue: VecDeque::new(),
@@ -334,7 +383,9 @@ impl SimHypervisor {
 
     /// Removes the port behind `connection_id`; the guest then gets INVALID_CONNECTION_ID.
     pub fn unregister_port(&self, connection_id: u32) {
-        self.state.lock().ports.remove(&connection_id);
+        let mut state = self.state.lock();
+        state.ports.remove(&connection_id);
+        state.post_filters.remove(&connection_id);
     }
 
     /// Takes the oldest message the guest posted to `connection_id`, freeing its buffer.
@@ -543,13 +594,17 @@ impl Hypercalls for SimHypervisor {
         if !message_type.is_postable() || payload.len() > MESSAGE_PAYLOAD_SIZE {
             return Err(HvError::INVALID_PARAMETER);
         }
+        let state = &mut *state;
         match state.ports.get_mut(&connection_id) {
             None => Err(HvError::INVALID_CONNECTION_ID),
             Some(HostPort::Event { .. }) => Err(HvError::INVALID_PORT_ID),
-            Some(HostPort::Message { queue }) if queue.len() >= PORT_MESSAGE_BUFFERS => {
-                Err(HvError::INSUFFICIENT_BUFFERS)
-            }
             Some(HostPort::Message { queue }) => {
+                if let Some(filter) = state.post_filters.get(&connection_id) {
+                    filter.check(payload)?;
+                }
+                if queue.len() >= PORT_MESSAGE_BUFFERS {
+                    return Err(HvError::INSUFFICIENT_BUFFERS);
+                }
                 queue.push_back(PostedMessage {
                     connection_id,
                     message_type,
@@ -993,6 +1048,37 @@ mod tests {
             hv.post_message(MESSAGE_CONNECTION, 1, b"x"),
             Err(HvError::INVALID_CONNECTION_ID)
         );
+    }
+
+    #[test]
+    fn a_post_filter_refuses_at_hypercall_time_without_taking_a_buffer() {
+        let hv = ready();
+        hv.register_filtered_message_port(
+            9,
+            PostFilter::new(|payload| match payload.first() {
+                Some(0xEE) => Err(HvError::INVALID_CONNECTION_ID),
+                _ => Ok(()),
+            }),
+        );
+        assert_eq!(hv.post_message(9, 1, &[0xEE]), Err(HvError::INVALID_CONNECTION_ID));
+        assert_eq!(hv.host_pending(9), 0, "a refused payload is not queued");
+        for _ in 0..PORT_MESSAGE_BUFFERS {
+            hv.post_message(9, 1, &[1]).unwrap();
+        }
+        assert_eq!(
+            hv.post_message(9, 1, &[0xEE]),
+            Err(HvError::INVALID_CONNECTION_ID),
+            "the filter decides before the buffer check"
+        );
+        assert_eq!(hv.post_message(9, 1, &[1]), Err(HvError::INSUFFICIENT_BUFFERS));
+        // Re-registering without a filter, or unregistering, drops the filter.
+        hv.register_message_port(9);
+        assert_eq!(hv.post_message(9, 1, &[0xEE]), Ok(()));
+        hv.register_filtered_message_port(9, PostFilter::new(|_| Err(HvError::OPERATION_DENIED)));
+        hv.unregister_port(9);
+        hv.register_message_port(9);
+        assert_eq!(hv.post_message(9, 1, &[0xEE]), Ok(()));
+        assert_eq!(alloc::format!("{:?}", PostFilter::new(|_| Ok(()))), "PostFilter(..)");
     }
 
     #[test]
