@@ -15,6 +15,7 @@ mod arch;
 mod cmdline;
 mod console;
 mod exit;
+mod hyperv;
 mod ktest;
 mod mm;
 mod platform;
@@ -68,10 +69,11 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         ),
         Err(e) => log::warn!("apic: {e}"),
     }
-    // The hypervisor's own frequency report goes here once the Hyper-V layer provides it (a Gen2 VM has no PIT).
-    let hypervisor_frequency_source: Option<&dyn time::FrequencySource> = None;
-    if let Err(e) = time::init(hypervisor_frequency_source) {
-        log::warn!("time: {e}: no clock and no APIC timer");
+    // Detection, guest OS id, hypercall page, SynIC, reference clock and synthetic timers, where Hyper-V offers them.
+    hyperv::init();
+    // The hypervisor's frequency MSRs, reference clock and timer, if any, take precedence (a Gen2 VM has no PIT).
+    if let Err(e) = time::init(hyperv::time_sources()) {
+        log::warn!("time: {e}: the APIC timer is not calibrated");
     }
     arch::interrupts::enable();
 
@@ -85,6 +87,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
                 arch::apic::KTESTS,
                 time::KTESTS,
                 console::framebuffer::KTESTS,
+                hyperv::KTESTS,
             ],
             cmdline.get("filter"),
         ),
@@ -103,6 +106,8 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
     }
 
     kprintln!("{}", platform::Report::gather(&boot_info.memory_regions));
+    // Leave the hypervisor as firmware would expect to find it after a reboot.
+    hyperv::teardown();
     log::info!("main job finished");
     exit(ExitCode::Success)
 }

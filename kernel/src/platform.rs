@@ -1,19 +1,21 @@
-//! The platform report printed at boot: CPU, memory and hypervisor.
+//! The platform report printed at boot: CPU, memory and hypervisor (the latter is `vmbus::hv::HvReport`, decoded from
+//! the hypervisor CPUID leaves by [`crate::hyperv::detect`]).
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use core::arch::x86_64::__cpuid;
 use core::fmt;
+use vmbus::hv::HvReport;
 
 /// What the kernel found about the machine it runs on.
 pub struct Report {
     vendor: [u8; 12],
     brand: [u8; 48],
     usable_bytes: u64,
-    hypervisor: Option<[u8; 12]>,
+    hypervisor: HvReport,
 }
 
 impl Report {
-    /// Reads CPUID and the memory map.
+    /// Reads CPUID, the memory map and the hypervisor detection.
     pub fn gather(regions: &MemoryRegions) -> Report {
         let leaf0 = __cpuid(0);
         let mut vendor = [0u8; 12];
@@ -29,16 +31,8 @@ impl Report {
                 }
             }
         }
-        let hypervisor = (__cpuid(1).ecx & (1 << 31) != 0).then(|| {
-            let r = __cpuid(0x4000_0000);
-            let mut sig = [0u8; 12];
-            sig[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-            sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
-            sig[8..12].copy_from_slice(&r.edx.to_le_bytes());
-            sig
-        });
-        let usable_bytes =
-            regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable).map(|r| r.end - r.start).sum();
+        let hypervisor = *crate::hyperv::detect();
+        let usable_bytes = regions.iter().filter(|r| r.kind == MemoryRegionKind::Usable).map(|r| r.end - r.start).sum();
         Report { vendor, brand, usable_bytes, hypervisor }
     }
 }
@@ -53,9 +47,16 @@ impl fmt::Display for Report {
         writeln!(f, "platform report:")?;
         writeln!(f, "  cpu: {} ({})", text(&self.brand), text(&self.vendor))?;
         writeln!(f, "  memory: {} MiB usable", self.usable_bytes >> 20)?;
-        match &self.hypervisor {
-            Some(sig) => write!(f, "  hypervisor: \"{}\"", text(sig)),
-            None => write!(f, "  hypervisor: none"),
+        writeln!(f, "  hypervisor: {}", crate::hyperv::summary(&self.hypervisor))?;
+        // The detailed report, indented under the summary line.
+        let detail = alloc::format!("{}", self.hypervisor);
+        let mut lines = detail.lines().peekable();
+        while let Some(line) = lines.next() {
+            write!(f, "    {line}")?;
+            if lines.peek().is_some() {
+                writeln!(f)?;
+            }
         }
+        Ok(())
     }
 }

@@ -1,21 +1,29 @@
-//! Time: a monotonic nanosecond clock from the TSC, busy-wait sleeping, and the calibration of the TSC and the
-//! local APIC timer.
+//! Time: a monotonic nanosecond clock, busy-wait sleeping, the calibration of the TSC and the local APIC timer, and
+//! the kernel timer.
 //!
 //! Neither the TSC rate nor the APIC timer's input rate is architectural, so both are learnt at boot from a
 //! [`FrequencySource`], tried in this order:
-//! 1. the hypervisor's own report, passed to [`init`] as `hypervisor_source` (Hyper-V: the TSC and APIC frequency
-//!    MSRs of TLFS §12.3, HV_X64_MSR_TSC_FREQUENCY and HV_X64_MSR_APIC_FREQUENCY, provided by the Hyper-V layer
-//!    once it exists; a Gen2 VM has no PIT, and its port 0x61 never signals);
-//! 2. the ACPI PM timer ([`AcpiPmTimerSource`], 3.579545 MHz, found through the FADT);
-//! 3. PIT channel 2 gated through port 0x61 ([`PitSource`], 1.193182 MHz).
+//! 1. the hypervisor's own report, [`HypervisorTime::frequencies`] (Hyper-V: the TSC and APIC frequency MSRs of TLFS
+//!    §12.3, HV_X64_MSR_TSC_FREQUENCY and HV_X64_MSR_APIC_FREQUENCY, from [`crate::hyperv`]; a Gen2 VM has no PIT, and
+//!    its port 0x61 never signals);
+//! 2. a hypervisor counter of known rate, [`HypervisorTime::reference_counter`] (Hyper-V: the 10 MHz partition
+//!    reference counter), measured against;
+//! 3. the ACPI PM timer ([`AcpiPmTimerSource`], 3.579545 MHz, found through the FADT);
+//! 4. PIT channel 2 gated through port 0x61 ([`PitSource`], 1.193182 MHz).
 //!
 //! The measuring sources watch the TSC and a free-running APIC countdown across a fixed number of reference ticks,
 //! three times, and keep the median. The source used is logged.
+//!
+//! The clock ([`now`]) is the hypervisor's [`ClockSource`] when it offers one (Hyper-V: the reference TSC page),
+//! otherwise the calibrated TSC. The kernel timer ([`start_timer`]) is the hypervisor's [`TimerDevice`] when it
+//! offers one (Hyper-V: synthetic timer 0), otherwise the local APIC timer. Both choices are logged at boot.
 
-use crate::arch::{acpi, apic, pit};
-use core::sync::atomic::{Ordering, compiler_fence};
+use crate::arch::{acpi, apic, interrupts, pit};
+use core::sync::atomic::{AtomicU64, Ordering, compiler_fence};
 use core::time::Duration;
-use spin::Once;
+use spin::{Mutex, Once};
+
+pub use crate::arch::apic::TimerMode;
 
 /// What calibration learns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,11 +53,7 @@ impl core::fmt::Display for CalibrationError {
             CalibrationError::Unavailable(why) => write!(f, "unavailable: {why}"),
             CalibrationError::Stuck => f.write_str("the reference counter does not advance"),
             CalibrationError::Implausible(fr) => {
-                write!(
-                    f,
-                    "implausible result: TSC {} Hz, APIC bus {} Hz",
-                    fr.tsc_hz, fr.apic_bus_hz
-                )
+                write!(f, "implausible result: TSC {} Hz, APIC bus {} Hz", fr.tsc_hz, fr.apic_bus_hz)
             }
             CalibrationError::NoSource => f.write_str("no frequency source works"),
         }
@@ -83,10 +87,7 @@ struct Snapshot {
 }
 
 fn snapshot() -> Snapshot {
-    Snapshot {
-        tsc: rdtsc(),
-        apic_count: apic::timer_current_count(),
-    }
+    Snapshot { tsc: rdtsc(), apic_count: apic::timer_current_count() }
 }
 
 /// Length of one measuring round, in milliseconds.
@@ -99,31 +100,16 @@ const ROUND_TSC_LIMIT: u64 = 1 << 34;
 const ROUND_POLL_LIMIT: u64 = 100_000_000;
 
 /// Turns one round (`reference_ticks` of a `reference_hz` counter between two snapshots) into frequencies.
-fn frequencies_from(
-    start: Snapshot,
-    end: Snapshot,
-    reference_ticks: u64,
-    reference_hz: u64,
-) -> Frequencies {
-    let scale = |delta: u64| {
-        (u128::from(delta) * u128::from(reference_hz) / u128::from(reference_ticks.max(1))) as u64
-    };
+fn frequencies_from(start: Snapshot, end: Snapshot, reference_ticks: u64, reference_hz: u64) -> Frequencies {
+    let scale = |delta: u64| (u128::from(delta) * u128::from(reference_hz) / u128::from(reference_ticks.max(1))) as u64;
     let apic_ticks = u64::from(start.apic_count.saturating_sub(end.apic_count));
-    Frequencies {
-        tsc_hz: scale(end.tsc - start.tsc),
-        apic_bus_hz: scale(apic_ticks) * apic::TIMER_DIVISOR,
-    }
+    Frequencies { tsc_hz: scale(end.tsc - start.tsc), apic_bus_hz: scale(apic_ticks) * apic::TIMER_DIVISOR }
 }
 
 /// Runs `round` [`ROUNDS`] times with a free-running APIC countdown and returns the median by TSC rate.
-fn measure(
-    mut round: impl FnMut() -> Result<Frequencies, CalibrationError>,
-) -> Result<Frequencies, CalibrationError> {
+fn measure(mut round: impl FnMut() -> Result<Frequencies, CalibrationError>) -> Result<Frequencies, CalibrationError> {
     let have_apic = apic::start_free_running_count().is_ok();
-    let mut results = [Frequencies {
-        tsc_hz: 0,
-        apic_bus_hz: 0,
-    }; ROUNDS];
+    let mut results = [Frequencies { tsc_hz: 0, apic_bus_hz: 0 }; ROUNDS];
     for slot in &mut results {
         *slot = round()?;
     }
@@ -131,16 +117,8 @@ fn measure(
     results.sort_unstable_by_key(|f| f.tsc_hz);
     let median = results[ROUNDS / 2];
     let tsc_ok = (50_000_000..=50_000_000_000).contains(&median.tsc_hz);
-    let apic_ok = if have_apic {
-        (1_000_000..=50_000_000_000).contains(&median.apic_bus_hz)
-    } else {
-        true
-    };
-    if tsc_ok && apic_ok {
-        Ok(median)
-    } else {
-        Err(CalibrationError::Implausible(median))
-    }
+    let apic_ok = if have_apic { (1_000_000..=50_000_000_000).contains(&median.apic_bus_hz) } else { true };
+    if tsc_ok && apic_ok { Ok(median) } else { Err(CalibrationError::Implausible(median)) }
 }
 
 /// Calibration against the ACPI PM timer.
@@ -193,8 +171,7 @@ pub struct PitSource;
 impl PitSource {
     fn round() -> Result<Frequencies, CalibrationError> {
         let count = pit::PIT_HZ * ROUND_MS / 1000;
-        let one_shot = pit::OneShot::start(count as u16)
-            .map_err(|_| CalibrationError::Unavailable("no PIT"))?;
+        let one_shot = pit::OneShot::start(count as u16).map_err(|_| CalibrationError::Unavailable("no PIT"))?;
         let start = snapshot();
         let mut polls = 0u64;
         loop {
@@ -221,14 +198,192 @@ impl FrequencySource for PitSource {
     }
 }
 
-/// The calibrated clock.
+/// Calibration against a free-running counter of known rate that a hypervisor provides (Hyper-V: the partition
+/// reference counter, 10 MHz).
+#[derive(Clone, Copy)]
+pub struct CounterSource {
+    /// The counter's name, for the log.
+    pub name: &'static str,
+    /// Its rate in Hz.
+    pub hz: u64,
+    /// Reads it; `None` when it cannot be read.
+    pub read: fn() -> Option<u64>,
+}
+
+impl CounterSource {
+    /// One round: from a counter edge across [`ROUND_MS`] worth of counter ticks.
+    fn round(&self) -> Result<Frequencies, CalibrationError> {
+        let read = || (self.read)().ok_or(CalibrationError::Unavailable("the counter cannot be read"));
+        let wanted = self.hz * ROUND_MS / 1000;
+        let mut polls = 0u64;
+        let first = read()?;
+        let mut edge = first;
+        while edge == first {
+            polls += 1;
+            if polls > ROUND_POLL_LIMIT {
+                return Err(CalibrationError::Stuck);
+            }
+            edge = read()?;
+        }
+        let start = snapshot();
+        loop {
+            let now = read()?;
+            let end = snapshot();
+            let elapsed = now.wrapping_sub(edge);
+            if elapsed >= wanted {
+                return Ok(frequencies_from(start, end, elapsed, self.hz));
+            }
+            polls += 1;
+            if polls > ROUND_POLL_LIMIT || end.tsc - start.tsc > ROUND_TSC_LIMIT {
+                return Err(CalibrationError::Stuck);
+            }
+        }
+    }
+}
+
+impl FrequencySource for CounterSource {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn frequencies(&self) -> Result<Frequencies, CalibrationError> {
+        measure(|| self.round())
+    }
+}
+
+/// A clock a hypervisor provides, used by [`now`] instead of the calibrated TSC (Hyper-V: the reference TSC page).
+pub trait ClockSource: Sync {
+    /// A short name for the log.
+    fn name(&self) -> &'static str;
+    /// Nanoseconds since some fixed point; never goes backwards.
+    fn now_ns(&self) -> u64;
+}
+
+/// A device that raises the kernel timer's interrupt: the local APIC timer, or a hypervisor's timer (Hyper-V:
+/// synthetic timer 0). On expiry its interrupt handler calls [`timer_expired`].
+pub trait TimerDevice: Sync {
+    /// A short name for the log.
+    fn name(&self) -> &'static str;
+    /// Fires after `interval` (and every `interval` after that in periodic mode); replaces a running timer.
+    fn start(&self, mode: TimerMode, interval: Duration) -> Result<(), TimerError>;
+    /// Stops the timer.
+    fn stop(&self);
+}
+
+/// Why the kernel timer could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerError {
+    /// No timer device: neither the hypervisor's nor a calibrated local APIC timer.
+    NoTimer,
+    /// The local APIC timer refused.
+    Apic(apic::TimerError),
+    /// The hypervisor's timer refused, for the reason given.
+    Device(&'static str),
+}
+
+impl core::fmt::Display for TimerError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TimerError::NoTimer => f.write_str("no kernel timer device"),
+            TimerError::Apic(e) => write!(f, "APIC timer: {e}"),
+            TimerError::Device(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What a hypervisor adds to the kernel's time keeping, each part optional; passed to [`init`].
+#[derive(Clone, Copy, Default)]
+pub struct HypervisorTime {
+    /// A source that reports the TSC and APIC timer frequencies.
+    pub frequencies: Option<&'static dyn FrequencySource>,
+    /// A counter of known rate to measure the frequencies against.
+    pub reference_counter: Option<CounterSource>,
+    /// A clock to use instead of the calibrated TSC.
+    pub clock: Option<&'static dyn ClockSource>,
+    /// A timer device to use instead of the local APIC timer.
+    pub timer: Option<&'static dyn TimerDevice>,
+}
+
+/// The vector of the kernel timer when the local APIC timer drives it.
+pub const KERNEL_TIMER_VECTOR: u8 = 0x40;
+
+/// The local APIC timer as the kernel timer device.
+struct ApicTimer;
+
+impl TimerDevice for ApicTimer {
+    fn name(&self) -> &'static str {
+        "local APIC timer"
+    }
+
+    fn start(&self, mode: TimerMode, interval: Duration) -> Result<(), TimerError> {
+        apic::start_timer(mode, KERNEL_TIMER_VECTOR, interval).map_err(TimerError::Apic)
+    }
+
+    fn stop(&self) {
+        apic::stop_timer();
+    }
+}
+
+fn apic_timer_interrupt() {
+    timer_expired();
+}
+
+/// The kernel timer's device, chosen by [`init`].
+static TIMER: Once<&'static dyn TimerDevice> = Once::new();
+/// What an expiry calls; written with interrupts disabled, so the handler never finds it locked.
+static TIMER_CALLBACK: Mutex<Option<fn()>> = Mutex::new(None);
+/// Expiries reported by the timer device since boot.
+static TIMER_EXPIRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Starts the kernel timer: `on_expiry` runs in interrupt context after `interval` (and every `interval` after that
+/// in periodic mode). Replaces a running timer and its callback.
+pub fn start_timer(mode: TimerMode, interval: Duration, on_expiry: fn()) -> Result<(), TimerError> {
+    let device = TIMER.get().ok_or(TimerError::NoTimer)?;
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        *TIMER_CALLBACK.lock() = Some(on_expiry);
+        device.start(mode, interval)
+    })
+}
+
+/// Stops the kernel timer and forgets its callback.
+pub fn stop_timer() {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        if let Some(device) = TIMER.get() {
+            device.stop();
+        }
+        *TIMER_CALLBACK.lock() = None;
+    });
+}
+
+/// Called by the timer device's interrupt handler on each expiry: counts it and runs the callback.
+pub fn timer_expired() {
+    TIMER_EXPIRIES.fetch_add(1, Ordering::Relaxed);
+    let callback = *TIMER_CALLBACK.lock();
+    if let Some(callback) = callback {
+        callback();
+    }
+}
+
+/// Expiries of the kernel timer since boot.
+pub fn timer_expiries() -> u64 {
+    TIMER_EXPIRIES.load(Ordering::Relaxed)
+}
+
+/// The kernel timer device's name, or `None` when there is none.
+pub fn timer_name() -> Option<&'static str> {
+    TIMER.get().map(|device| device.name())
+}
+
+/// The kernel clock.
 struct Clock {
     /// TSC value at time 0.
     tsc_at_zero: u64,
-    /// Nanoseconds per TSC tick, as a 32.32 fixed-point number.
+    /// Nanoseconds per TSC tick, as a 32.32 fixed-point number (0 when the TSC is not calibrated).
     ns_per_tick_fp32: u64,
-    frequencies: Frequencies,
-    source: &'static str,
+    /// What calibration learnt, and from which source.
+    calibration: Option<(Frequencies, &'static str)>,
+    /// The hypervisor's clock and its reading at time 0, when it is the clock.
+    hypervisor: Option<(&'static dyn ClockSource, u64)>,
 }
 
 static CLOCK: Once<Clock> = Once::new();
@@ -239,12 +394,8 @@ pub fn invariant_tsc() -> bool {
     __cpuid(0x8000_0000).eax >= 0x8000_0007 && __cpuid(0x8000_0007).edx & (1 << 8) != 0
 }
 
-/// Calibrates the clock and the APIC timer: tries `hypervisor_source` (the hook for a hypervisor that reports the
-/// frequencies), then the ACPI PM timer (found through [`acpi::rsdp`]), then the PIT. Call once, after
-/// [`apic::init`], with interrupts disabled. Returns the frequencies and the source's name.
-pub fn init(
-    hypervisor_source: Option<&dyn FrequencySource>,
-) -> Result<(Frequencies, &'static str), CalibrationError> {
+/// Tries the frequency sources in order; returns the first result and the source's name.
+fn calibrate(hypervisor: &HypervisorTime) -> Result<(Frequencies, &'static str), CalibrationError> {
     let pm_timer = match acpi::PmTimer::find(acpi::rsdp()) {
         Ok(timer) => Some(AcpiPmTimerSource(timer)),
         Err(e) => {
@@ -252,57 +403,101 @@ pub fn init(
             None
         }
     };
-    let candidates: [Option<&dyn FrequencySource>; 3] = [
-        hypervisor_source,
+    let candidates: [Option<&dyn FrequencySource>; 4] = [
+        hypervisor.frequencies,
+        hypervisor.reference_counter.as_ref().map(|s| s as &dyn FrequencySource),
         pm_timer.as_ref().map(|s| s as &dyn FrequencySource),
         Some(&PitSource),
     ];
     for source in candidates.into_iter().flatten() {
         match source.frequencies() {
-            Ok(frequencies) => {
-                let clock = CLOCK.call_once(|| Clock {
-                    tsc_at_zero: rdtsc(),
-                    ns_per_tick_fp32: ((1_000_000_000u128 << 32) / u128::from(frequencies.tsc_hz))
-                        as u64,
-                    frequencies,
-                    source: source.name(),
-                });
-                apic::set_bus_frequency(clock.frequencies.apic_bus_hz);
-                log::info!(
-                    "time: calibrated with {}: TSC {}.{:03} MHz{}, APIC bus {}.{:03} MHz",
-                    clock.source,
-                    clock.frequencies.tsc_hz / 1_000_000,
-                    clock.frequencies.tsc_hz / 1000 % 1000,
-                    if invariant_tsc() { " (invariant)" } else { "" },
-                    clock.frequencies.apic_bus_hz / 1_000_000,
-                    clock.frequencies.apic_bus_hz / 1000 % 1000,
-                );
-                return Ok((clock.frequencies, clock.source));
-            }
+            Ok(frequencies) => return Ok((frequencies, source.name())),
             Err(e) => log::warn!("time: {} cannot calibrate: {e}", source.name()),
         }
     }
     Err(CalibrationError::NoSource)
 }
 
-/// Nanoseconds since calibration, from the TSC; 0 before [`init`] succeeded. Never goes backwards on one CPU.
+/// Calibrates the TSC and the APIC timer (from `hypervisor`'s report or counter, then the ACPI PM timer found through
+/// [`acpi::rsdp`], then the PIT), and chooses the clock (`hypervisor.clock`, else the TSC) and the kernel timer
+/// (`hypervisor.timer`, else the local APIC timer). Call once, after [`apic::init`], with interrupts disabled.
+/// Returns the frequencies and the calibration source's name; with a hypervisor clock the kernel has a clock even when
+/// calibration fails.
+pub fn init(hypervisor: HypervisorTime) -> Result<(Frequencies, &'static str), CalibrationError> {
+    let calibration = calibrate(&hypervisor);
+    if calibration.is_err() && hypervisor.clock.is_none() {
+        return Err(CalibrationError::NoSource);
+    }
+    let clock = CLOCK.call_once(|| Clock {
+        tsc_at_zero: rdtsc(),
+        ns_per_tick_fp32: calibration
+            .as_ref()
+            .map_or(0, |(f, _)| ((1_000_000_000u128 << 32) / u128::from(f.tsc_hz)) as u64),
+        calibration: calibration.ok(),
+        hypervisor: hypervisor.clock.map(|source| (source, source.now_ns())),
+    });
+    if let Some((frequencies, source)) = clock.calibration {
+        apic::set_bus_frequency(frequencies.apic_bus_hz);
+        log::info!(
+            "time: calibrated with {}: TSC {}.{:03} MHz{}, APIC bus {}.{:03} MHz",
+            source,
+            frequencies.tsc_hz / 1_000_000,
+            frequencies.tsc_hz / 1000 % 1000,
+            if invariant_tsc() { " (invariant)" } else { "" },
+            frequencies.apic_bus_hz / 1_000_000,
+            frequencies.apic_bus_hz / 1000 % 1000,
+        );
+    }
+    let timer: Option<&'static dyn TimerDevice> = match hypervisor.timer {
+        Some(device) => Some(device),
+        None if apic::timer_tick_hz() > 0 => match interrupts::register(KERNEL_TIMER_VECTOR, apic_timer_interrupt) {
+            Ok(()) => Some(&ApicTimer),
+            Err(e) => {
+                log::warn!("time: kernel timer vector: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(device) = timer {
+        TIMER.call_once(|| device);
+    }
+    log::info!(
+        "time: clock {}; kernel timer {}{}",
+        clock_name().unwrap_or("none"),
+        timer_name().unwrap_or("none"),
+        if hypervisor.clock.is_none() && hypervisor.timer.is_none() { " (no hypervisor clock or timer)" } else { "" }
+    );
+    clock.calibration.ok_or(CalibrationError::NoSource)
+}
+
+/// Nanoseconds since [`init`], from the hypervisor's clock or the TSC; 0 before [`init`] succeeded. Never goes
+/// backwards on one CPU.
 pub fn now() -> u64 {
     let Some(clock) = CLOCK.get() else { return 0 };
+    if let Some((source, at_zero)) = clock.hypervisor {
+        return source.now_ns().saturating_sub(at_zero);
+    }
     let ticks = rdtsc().saturating_sub(clock.tsc_at_zero);
     ((u128::from(ticks) * u128::from(clock.ns_per_tick_fp32)) >> 32) as u64
 }
 
 /// The calibrated frequencies, or `None` before [`init`] succeeded.
 pub fn frequencies() -> Option<Frequencies> {
-    CLOCK.get().map(|c| c.frequencies)
+    CLOCK.get().and_then(|c| c.calibration).map(|(frequencies, _)| frequencies)
 }
 
 /// The name of the source calibration used.
 pub fn source_name() -> Option<&'static str> {
-    CLOCK.get().map(|c| c.source)
+    CLOCK.get().and_then(|c| c.calibration).map(|(_, source)| source)
 }
 
-/// Busy-waits for `duration` (spinning on the TSC; interrupts stay as they are and are handled meanwhile).
+/// The name of the clock [`now`] reads: the hypervisor's clock, or "TSC".
+pub fn clock_name() -> Option<&'static str> {
+    CLOCK.get().map(|c| c.hypervisor.map_or("TSC", |(source, _)| source.name()))
+}
+
+/// Busy-waits for `duration` (spinning on [`now`]; interrupts stay as they are and are handled meanwhile).
 ///
 /// Panics if the clock is not calibrated: a wait of unknown length is a bug in the caller's bring-up order.
 pub fn sleep(duration: Duration) {
@@ -318,22 +513,12 @@ use crate::{kassert, kassert_eq};
 
 /// In-kernel tests of the clock and its calibration.
 pub const KTESTS: &[KTest] = &[
-    KTest {
-        name: "time::now_is_monotonic",
-        run: now_is_monotonic,
-    },
-    KTest {
-        name: "time::sleep_waits_at_least_its_duration",
-        run: sleep_waits_at_least_its_duration,
-    },
-    KTest {
-        name: "time::sources_agree",
-        run: sources_agree,
-    },
-    KTest {
-        name: "time::clock_matches_reference",
-        run: clock_matches_reference,
-    },
+    KTest { name: "time::now_is_monotonic", run: now_is_monotonic },
+    KTest { name: "time::sleep_waits_at_least_its_duration", run: sleep_waits_at_least_its_duration },
+    KTest { name: "time::sources_agree", run: sources_agree },
+    KTest { name: "time::clock_matches_reference", run: clock_matches_reference },
+    KTest { name: "time::kernel_timer_one_shot_fires_once", run: kernel_timer_one_shot_fires_once },
+    KTest { name: "time::kernel_timer_periodic_tick_count", run: kernel_timer_periodic_tick_count },
 ];
 
 fn now_is_monotonic() -> TestResult {
@@ -366,14 +551,10 @@ fn close(a: u64, b: u64, percent: u64) -> bool {
 fn sources_agree() -> TestResult {
     let kept = frequencies().ok_or("not calibrated")?;
     let mut checked = 0;
-    let pm_timer = acpi::PmTimer::find(acpi::rsdp())
-        .ok()
-        .map(AcpiPmTimerSource);
-    let sources: [Option<&dyn FrequencySource>; 2] =
-        [pm_timer.as_ref().map(|s| s as _), Some(&PitSource)];
+    let pm_timer = acpi::PmTimer::find(acpi::rsdp()).ok().map(AcpiPmTimerSource);
+    let sources: [Option<&dyn FrequencySource>; 2] = [pm_timer.as_ref().map(|s| s as _), Some(&PitSource)];
     for source in sources.into_iter().flatten() {
-        let measured =
-            x86_64::instructions::interrupts::without_interrupts(|| source.frequencies());
+        let measured = x86_64::instructions::interrupts::without_interrupts(|| source.frequencies());
         let Ok(measured) = measured else {
             log::info!("time: {} not measurable here", source.name());
             continue;
@@ -385,8 +566,7 @@ fn sources_agree() -> TestResult {
             measured.apic_bus_hz / 1000
         );
         kassert!(
-            close(measured.tsc_hz, kept.tsc_hz, 10)
-                && close(measured.apic_bus_hz, kept.apic_bus_hz, 10),
+            close(measured.tsc_hz, kept.tsc_hz, 10) && close(measured.apic_bus_hz, kept.apic_bus_hz, 10),
             "{} measured {measured:?}, calibration kept {kept:?}",
             source.name()
         );
@@ -409,8 +589,7 @@ fn clock_matches_reference() -> TestResult {
             now() - start
         }
         Err(_) => {
-            let one_shot = pit::OneShot::start((pit::PIT_HZ / 20) as u16)
-                .map_err(|_| "neither PM timer nor PIT")?;
+            let one_shot = pit::OneShot::start((pit::PIT_HZ / 20) as u16).map_err(|_| "neither PM timer nor PIT")?;
             let start = now();
             while !one_shot.expired() {
                 kassert!(now() - start < 1_000_000_000, "PIT stuck");
@@ -418,15 +597,72 @@ fn clock_matches_reference() -> TestResult {
             now() - start
         }
     };
-    kassert!(
-        close(reference, 50_000_000, 10),
-        "50 ms of the reference read as {reference} ns"
-    );
+    kassert!(close(reference, 50_000_000, 10), "50 ms of the reference read as {reference} ns");
     kassert_eq!(source_name().is_some(), true);
-    log::info!(
-        "time: 50 ms of the reference read as {}.{:03} ms",
-        reference / 1_000_000,
-        reference / 1000 % 1000
+    log::info!("time: 50 ms of the reference read as {}.{:03} ms", reference / 1_000_000, reference / 1000 % 1000);
+    Ok(())
+}
+
+static KERNEL_TIMER_HITS: AtomicU64 = AtomicU64::new(0);
+static KERNEL_TIMER_LAST_NS: AtomicU64 = AtomicU64::new(0);
+
+fn count_kernel_timer() {
+    KERNEL_TIMER_HITS.fetch_add(1, Ordering::Relaxed);
+    KERNEL_TIMER_LAST_NS.store(now(), Ordering::Relaxed);
+}
+
+/// Spins until `done()` or `limit` passes; returns whether `done()` became true.
+fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = now().saturating_add(limit.as_nanos() as u64);
+    while now() < deadline {
+        if done() {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    done()
+}
+
+/// The kernel timer (whichever device drives it) fires a 20 ms one-shot once, on time.
+fn kernel_timer_one_shot_fires_once() -> TestResult {
+    let device = timer_name().ok_or("no kernel timer device")?;
+    KERNEL_TIMER_HITS.store(0, Ordering::Relaxed);
+    let expiries_before = timer_expiries();
+    let start = now();
+    let started = start_timer(TimerMode::OneShot, Duration::from_millis(20), count_kernel_timer);
+    let fired = wait_until(Duration::from_secs(1), || KERNEL_TIMER_HITS.load(Ordering::Relaxed) > 0);
+    sleep(Duration::from_millis(60));
+    stop_timer();
+    kassert_eq!(started, Ok(()));
+    kassert!(fired, "{device}: a 20 ms one-shot did not fire within 1 s");
+    kassert_eq!(KERNEL_TIMER_HITS.load(Ordering::Relaxed), 1);
+    kassert_eq!(timer_expiries(), expiries_before + 1);
+    let after_ms = KERNEL_TIMER_LAST_NS.load(Ordering::Relaxed).saturating_sub(start) / 1_000_000;
+    // TCG and nested virtualization are noisy: accept from half the interval to a quarter second of host delay.
+    kassert!((10..=270).contains(&after_ms), "{device}: a 20 ms one-shot fired after {after_ms} ms");
+    log::info!("time: kernel timer ({device}) one-shot of 20 ms fired after {after_ms} ms");
+    Ok(())
+}
+
+/// The kernel timer (whichever device drives it) ticks about 30 times in 300 ms at a 10 ms period, and stops.
+fn kernel_timer_periodic_tick_count() -> TestResult {
+    let device = timer_name().ok_or("no kernel timer device")?;
+    KERNEL_TIMER_HITS.store(0, Ordering::Relaxed);
+    let started = start_timer(TimerMode::Periodic, Duration::from_millis(10), count_kernel_timer);
+    let start = now();
+    sleep(Duration::from_millis(300));
+    let ticks = KERNEL_TIMER_HITS.load(Ordering::Relaxed);
+    let elapsed_ms = (now() - start) / 1_000_000;
+    stop_timer();
+    sleep(Duration::from_millis(30));
+    let after_stop = KERNEL_TIMER_HITS.load(Ordering::Relaxed);
+    kassert_eq!(started, Ok(()));
+    let expected = elapsed_ms / 10;
+    kassert!(
+        ticks * 2 >= expected && ticks <= expected * 3 / 2 + 1,
+        "{device}: {ticks} ticks of a 10 ms periodic timer in {elapsed_ms} ms (expected about {expected})"
     );
+    kassert!(after_stop <= ticks + 1, "{device}: the timer kept firing after stop: {ticks} then {after_stop}");
+    log::info!("time: kernel timer ({device}): {ticks} periodic ticks of 10 ms in {elapsed_ms} ms");
     Ok(())
 }

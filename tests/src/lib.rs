@@ -4,6 +4,7 @@
 //! command line (`mode=test`, `mode=panic`, …). At most [`MAX_PARALLEL_BOOTS`] QEMU instances run at once, so that
 //! parallel test threads do not starve each other on a small machine.
 
+use boot::accel::Accel;
 use boot::build::{Profile, build_kernel};
 use boot::deps::Tools;
 use boot::qemu::{RunConfig, RunOutcome};
@@ -75,9 +76,16 @@ pub fn make_image(name: &str, cmdline: Option<&str>) -> PathBuf {
 ///
 /// The serial log is printed after the run, so a failing test shows what the kernel said.
 pub fn boot_kernel(name: &str, cmdline: Option<&str>) -> RunOutcome {
+    boot_kernel_with(name, cmdline, Accel::probe())
+}
+
+/// Boots the kernel with `cmdline` under QEMU with the accelerator `accel` (e.g. TCG, to see the kernel without
+/// Hyper-V enlightenments even where KVM could run it) and returns the outcome, printing the serial log.
+pub fn boot_kernel_with(name: &str, cmdline: Option<&str>, accel: Accel) -> RunOutcome {
     let image = make_image(name, cmdline);
     let mut config = RunConfig::new(&image);
     config.timeout = BOOT_TIMEOUT;
+    config.accel = accel;
     let outcome = {
         let _slot = SlotGuard::acquire();
         boot::qemu::run(&setup().tools, &config).unwrap_or_else(|e| panic!("running QEMU for {name}: {e}"))
@@ -94,16 +102,51 @@ pub fn boot_kernel(name: &str, cmdline: Option<&str>) -> RunOutcome {
     outcome
 }
 
+/// What one in-kernel test came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KtestOutcome {
+    /// `ok`.
+    Passed,
+    /// `FAILED: <why>`; holds the whole verdict text.
+    Failed(String),
+    /// `skipped: <reason>` (the machine lacks what the test needs); holds the reason. Never a pass.
+    Skipped(String),
+}
+
 /// One in-kernel test verdict read from the serial log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KtestVerdict {
     /// The test's name (`module::name`).
     pub name: String,
-    /// `None` if it passed, else the reason printed.
-    pub failure: Option<String>,
+    /// How it ended.
+    pub outcome: KtestOutcome,
 }
 
-/// Reads the `ktest <name> ... ok|FAILED: <why>` lines of a serial log.
+impl KtestVerdict {
+    /// Whether the test passed.
+    pub fn passed(&self) -> bool {
+        self.outcome == KtestOutcome::Passed
+    }
+
+    /// The failure text, if it failed.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.outcome {
+            KtestOutcome::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The skip reason, if it was skipped.
+    pub fn skip_reason(&self) -> Option<&str> {
+        match &self.outcome {
+            KtestOutcome::Skipped(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// Reads the `ktest <name> ... ok|FAILED: <why>|skipped: <reason>` lines of a serial log. Any other verdict text
+/// counts as a failure.
 pub fn ktest_verdicts(serial: &str) -> Vec<KtestVerdict> {
     serial
         .lines()
@@ -111,9 +154,54 @@ pub fn ktest_verdicts(serial: &str) -> Vec<KtestVerdict> {
         .filter_map(|rest| rest.split_once(" ... "))
         .map(|(name, verdict)| KtestVerdict {
             name: name.to_string(),
-            failure: if verdict == "ok" { None } else { Some(verdict.to_string()) },
+            outcome: if verdict == "ok" {
+                KtestOutcome::Passed
+            } else if let Some(reason) = verdict.strip_prefix("skipped: ") {
+                KtestOutcome::Skipped(reason.to_string())
+            } else {
+                KtestOutcome::Failed(verdict.to_string())
+            },
         })
         .collect()
+}
+
+/// The counts of the summary line `ktest result: N passed, M failed, K skipped`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KtestSummary {
+    /// Tests that passed.
+    pub passed: usize,
+    /// Tests that failed.
+    pub failed: usize,
+    /// Tests that were skipped.
+    pub skipped: usize,
+}
+
+impl KtestSummary {
+    /// Counts the verdicts.
+    pub fn of(verdicts: &[KtestVerdict]) -> KtestSummary {
+        let count = |f: fn(&KtestVerdict) -> bool| verdicts.iter().filter(|v| f(v)).count();
+        KtestSummary {
+            passed: count(KtestVerdict::passed),
+            failed: count(|v| v.failure().is_some()),
+            skipped: count(|v| v.skip_reason().is_some()),
+        }
+    }
+
+    /// The summary line the kernel prints for these counts.
+    pub fn line(&self) -> String {
+        format!("ktest result: {} passed, {} failed, {} skipped", self.passed, self.failed, self.skipped)
+    }
+}
+
+/// Reads the summary line of a serial log, if it has one.
+pub fn ktest_summary(serial: &str) -> Option<KtestSummary> {
+    let line = serial.lines().find_map(|line| line.strip_prefix("ktest result: "))?;
+    let mut counts = line.split(", ").map(|part| part.split_once(' '));
+    let mut next = |label: &str| match counts.next() {
+        Some(Some((number, word))) if word == label => number.parse().ok(),
+        _ => None,
+    };
+    Some(KtestSummary { passed: next("passed")?, failed: next("failed")?, skipped: next("skipped")? })
 }
 
 #[cfg(test)]
@@ -122,10 +210,26 @@ mod tests {
 
     #[test]
     fn verdict_lines_are_parsed() {
-        let log = "noise\nktest mm::a ... ok\nktest mm::b ... FAILED: 1 != 2\nktest result: 1 passed, 1 failed\n";
+        let log = "noise\nktest mm::a ... ok\nktest mm::b ... FAILED: 1 != 2\nktest hv::c ... skipped: no Hyper-V\n\
+                   ktest result: 1 passed, 1 failed, 1 skipped\n";
         let v = ktest_verdicts(log);
-        assert_eq!(v.len(), 2);
-        assert_eq!(v[0], KtestVerdict { name: "mm::a".into(), failure: None });
-        assert_eq!(v[1].failure.as_deref(), Some("FAILED: 1 != 2"));
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0], KtestVerdict { name: "mm::a".into(), outcome: KtestOutcome::Passed });
+        assert_eq!(v[1].failure(), Some("FAILED: 1 != 2"));
+        assert_eq!(v[2].skip_reason(), Some("no Hyper-V"));
+        assert!(v[0].passed() && !v[1].passed() && !v[2].passed(), "a skip is not a pass");
+        let summary = KtestSummary::of(&v);
+        assert_eq!(summary, KtestSummary { passed: 1, failed: 1, skipped: 1 });
+        assert_eq!(ktest_summary(log), Some(summary));
+        assert!(log.contains(&summary.line()));
+    }
+
+    #[test]
+    fn unknown_verdicts_and_malformed_summaries() {
+        let v = ktest_verdicts("ktest x::y ... SKIPPED somehow\n");
+        assert_eq!(v[0].failure(), Some("SKIPPED somehow"), "an unknown verdict is a failure");
+        assert_eq!(ktest_summary("ktest result: 3 passed, 0 failed\n"), None, "the skip count is required");
+        assert_eq!(ktest_summary("ktest result: 3 passed, x failed, 0 skipped\n"), None);
+        assert_eq!(ktest_summary("no summary"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Boot tests: the real kernel image booted under QEMU + OVMF (q35), asserted from its serial log and exit status.
 
 use boot::qemu::Exit;
-use tests::{boot_kernel, ktest_verdicts};
+use tests::{KtestSummary, boot_kernel, ktest_summary, ktest_verdicts};
 
 #[test]
 fn main_job_ends_with_platform_report_and_clean_exit() {
@@ -19,11 +19,11 @@ fn main_job_ends_with_platform_report_and_clean_exit() {
 fn in_kernel_tests_all_pass() {
     let run = boot_kernel("ktests", Some("mode=test"));
     let verdicts = ktest_verdicts(&run.serial);
-    let failed: Vec<_> = verdicts.iter().filter(|v| v.failure.is_some()).collect();
+    let failed: Vec<_> = verdicts.iter().filter(|v| v.failure().is_some()).collect();
     assert!(failed.is_empty(), "in-kernel tests failed: {failed:#?}");
-    assert!(verdicts.len() >= 3, "expected the in-kernel test suite, saw {} verdicts", verdicts.len());
-    let summary = format!("ktest result: {} passed, 0 failed", verdicts.len());
-    assert!(run.serial.contains(&summary), "summary line `{summary}` missing");
+    let summary = KtestSummary::of(&verdicts);
+    assert!(summary.passed >= 3, "expected the in-kernel test suite, saw {summary:?}");
+    assert_eq!(ktest_summary(&run.serial), Some(summary), "summary line `{}` missing", summary.line());
     assert_eq!(run.exit, Exit::GuestSuccess);
 }
 
@@ -43,7 +43,7 @@ fn a_kernel_panic_fails_the_run() {
 #[test]
 fn a_ktest_run_that_tests_nothing_fails() {
     let run = boot_kernel("ktests-none", Some("mode=test filter=no-such-test"));
-    assert!(run.serial.contains("ktest result: 0 passed, 0 failed"));
+    assert!(run.serial.contains("ktest result: 0 passed, 0 failed, 0 skipped"));
     assert_eq!(run.exit, Exit::GuestFailure);
 }
 
@@ -90,4 +90,50 @@ fn boot_log_shows_apic_clock_and_screen() {
     let time = logged_after(log, "time: calibrated with ").expect("calibration line missing");
     assert!(time.contains("TSC") && time.contains("APIC bus"), "calibration line incomplete: {time}");
     assert!(logged_after(log, "console: framebuffer ").is_some_and(|l| l.contains("text")), "no framebuffer console");
+}
+
+/// Under QEMU TCG (no Hyper-V interface) the platform report says so, the Hyper-V layer stands aside, and the kernel
+/// keeps its own clock (TSC calibrated against the ACPI PM timer or the PIT) and timer (local APIC timer).
+#[test]
+fn platform_report_says_no_hyperv_under_tcg() {
+    let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let run = tests::boot_kernel_with("no-hyperv", None, tcg);
+    assert_eq!(run.exit, Exit::GuestSuccess);
+    let log = &run.serial;
+    let report = &log[log.find("platform report:").expect("platform report missing")..];
+    let summary = logged_after(report, "  hypervisor: ").expect("hypervisor line missing");
+    assert!(summary.ends_with("; no Hyper-V enlightenments"), "hypervisor line: {summary}");
+    assert!(!summary.contains("Hv#1"), "hypervisor line: {summary}");
+    assert!(report.contains("\n    hypervisor: "), "the detailed hypervisor report is missing:\n{report}");
+    assert!(
+        report.contains("no Hyper-V enlightenments\n") || report.contains("not Hyper-V compatible"),
+        "the detailed report does not say there is no Hyper-V:\n{report}"
+    );
+    let not_used = logged_after(log, "hyperv: not used: ").expect("the Hyper-V layer did not say it stands aside");
+    assert!(not_used.contains("the kernel keeps its own clock and timer"), "{not_used}");
+    assert!(!log.contains("hyperv: hypercall page enabled"), "a hypercall page under TCG?");
+    let time = logged_after(log, "time: clock ").expect("clock choice not logged");
+    assert_eq!(time, "TSC; kernel timer local APIC timer (no hypervisor clock or timer)");
+    let calibration = logged_after(log, "time: calibrated with ").expect("calibration line missing");
+    assert!(calibration.starts_with("ACPI PM timer") || calibration.starts_with("PIT"), "{calibration}");
+}
+
+/// Under TCG the Hyper-V in-kernel tests that need the hypervisor are reported as skipped, with the reason, and
+/// counted apart; the detection and platform-choice tests still run and pass.
+#[test]
+fn hyperv_ktests_skip_under_tcg() {
+    let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let run = tests::boot_kernel_with("hyperv-ktests-tcg", Some("mode=test filter=hyperv"), tcg);
+    let verdicts = ktest_verdicts(&run.serial);
+    let summary = KtestSummary::of(&verdicts);
+    assert_eq!(summary.failed, 0, "failures: {verdicts:#?}");
+    let passed: Vec<_> = verdicts.iter().filter(|v| v.passed()).map(|v| v.name.as_str()).collect();
+    assert_eq!(passed, ["hyperv::detection_decides_by_feature_bits", "hyperv::clock_and_timer_follow_the_platform"]);
+    assert!(summary.skipped >= 10, "expected the Hyper-V tests to skip: {summary:?}");
+    for verdict in verdicts.iter().filter(|v| !v.passed()) {
+        let reason = verdict.skip_reason().unwrap_or_default();
+        assert!(reason.starts_with("no Hyper-V interface"), "{}: {:?}", verdict.name, verdict.outcome);
+    }
+    assert_eq!(ktest_summary(&run.serial), Some(summary), "summary line `{}` missing", summary.line());
+    assert_eq!(run.exit, Exit::GuestSuccess);
 }
