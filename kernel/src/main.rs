@@ -76,6 +76,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         log::warn!("time: {e}: the APIC timer is not calibrated");
     }
     arch::interrupts::enable();
+    kprintln!("{}", platform::Report::gather(&boot_info.memory_regions));
 
     match cmdline.get("mode") {
         Some("test") => ktest::run_all(
@@ -105,7 +106,6 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         None => {}
     }
 
-    kprintln!("{}", platform::Report::gather(&boot_info.memory_regions));
     // Leave the hypervisor as firmware would expect to find it after a reboot.
     hyperv::teardown();
     log::info!("main job finished");

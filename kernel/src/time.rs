@@ -424,6 +424,10 @@ fn calibrate(hypervisor: &HypervisorTime) -> Result<(Frequencies, &'static str),
 /// Returns the frequencies and the calibration source's name; with a hypervisor clock the kernel has a clock even when
 /// calibration fails.
 pub fn init(hypervisor: HypervisorTime) -> Result<(Frequencies, &'static str), CalibrationError> {
+    // Firmware (OVMF) leaves the APIC timer counting with its own period; `apic::init` masks it but does not stop the
+    // count, and a later one-shot that unmasks the LVT first then sees that count expire too (seen under KVM, where
+    // the frequency MSRs spare the measuring sources' own stop). Stop it before anything uses the timer.
+    apic::stop_timer();
     let calibration = calibrate(&hypervisor);
     if calibration.is_err() && hypervisor.clock.is_none() {
         return Err(CalibrationError::NoSource);
