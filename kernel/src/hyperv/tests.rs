@@ -48,6 +48,7 @@ pub const KTESTS: &[KTest] = &[
     KTest { name: "hyperv::synic_event_flags_reach_channel_events", run: synic_event_flags_reach_channel_events },
     KTest { name: "hyperv::reference_clock_in_step_with_tsc_and_pm_timer", run: reference_clock_in_step },
     KTest { name: "hyperv::frequency_msrs_calibrate_tsc_and_apic_timer", run: frequency_msrs_calibrate },
+    KTest { name: "hyperv::reference_counter_calibration_agrees", run: reference_counter_calibration_agrees },
     KTest { name: "hyperv::stimer0_one_shot_message_mode", run: stimer0_one_shot_message_mode },
     KTest { name: "hyperv::stimer0_periodic_message_mode", run: stimer0_periodic_message_mode },
     KTest { name: "hyperv::stimer0_one_shot_direct_mode", run: stimer0_one_shot_direct_mode },
@@ -417,6 +418,33 @@ fn frequency_msrs_calibrate() -> TestResult {
         end_ref - start_ref
     );
     log::info!("hyperv: frequency MSRs TSC {tsc_hz} Hz, APIC {apic_hz} Hz; APIC timer counted {counted} of {expected}");
+    Ok(())
+}
+
+/// Measuring the TSC and the APIC timer against the 10 MHz reference counter (the calibration used where the frequency
+/// MSRs are not offered) agrees with what calibration kept.
+fn reference_counter_calibration_agrees() -> TestResult {
+    layer()?;
+    let Some(counter) = super::time_sources().reference_counter else {
+        return skip("no partition reference time");
+    };
+    let measured = interrupts::without_interrupts(|| crate::time::FrequencySource::frequencies(&counter))
+        .map_err(|e| format!("{}: {e}", counter.name))?;
+    let kept = time::frequencies().ok_or("not calibrated")?;
+    kassert!(
+        close(measured.tsc_hz, kept.tsc_hz, 5) && close(measured.apic_bus_hz, kept.apic_bus_hz, 5),
+        "{} measured {measured:?}, calibration kept {kept:?} from {:?}",
+        counter.name,
+        time::source_name()
+    );
+    log::info!(
+        "hyperv: {} measures TSC {} kHz, APIC bus {} kHz (kept {} kHz, {} kHz)",
+        counter.name,
+        measured.tsc_hz / 1000,
+        measured.apic_bus_hz / 1000,
+        kept.tsc_hz / 1000,
+        kept.apic_bus_hz / 1000
+    );
     Ok(())
 }
 
