@@ -327,12 +327,14 @@ fn synic_event_flags_reach_channel_events() -> TestResult {
     let drained: Vec<u32> = synic::take_channel_events().collect();
     let (before, _, _) = synic::interrupt_counts();
     kassert_eq!(set_event_flag(flags, RELID), Some(true));
-    // SAFETY: the VMBus vector's stub and handler are installed; `int` runs them like a call.
-    unsafe { core::arch::asm!("int {vector}", vector = const VMBUS_VECTOR) };
+    apic::send_self_ipi(VMBUS_VECTOR).map_err(|e| format!("self-IPI: {e}"))?;
+    let arrived = wait_until(Duration::from_millis(100), || synic::interrupt_counts().0 > before);
     let (after, _, _) = synic::interrupt_counts();
     let events: Vec<u32> = synic::take_channel_events().collect();
+    kassert!(arrived, "the VMBus vector's self-IPI did not arrive within 100 ms");
     kassert_eq!(after, before + 1);
     kassert_eq!(events, alloc::vec![RELID]);
+    kassert!(!apic::in_service(VMBUS_VECTOR), "the VMBus vector was not acknowledged");
     kassert_eq!(flags[1].load(Ordering::Acquire) & (1 << (RELID % 64)), 0);
     if !drained.is_empty() {
         log::info!("hyperv: channel events already pending before the test: {drained:?}");
