@@ -17,5 +17,6 @@ pub mod hv;
 pub mod protocol;
 pub mod ring;
 pub mod client;
+pub mod channel;
 pub mod server;
 pub mod kmcl;

@@ -202,6 +202,8 @@ pub fn init() -> Result<Mode, ApicError> {
     write(mode, reg::TASK_PRIORITY, 0);
     write(mode, reg::LVT_LINT0, LVT_MASKED);
     write(mode, reg::LVT_TIMER, LVT_MASKED);
+    // The firmware may have left the timer counting: stop it, or a later one-shot fires twice.
+    write(mode, reg::TIMER_INITIAL_COUNT, 0);
     write(mode, reg::TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
     // Clear errors latched before (the write arms the register, x2APIC requires the value 0).
     write(mode, reg::ERROR_STATUS, 0);
