@@ -354,6 +354,11 @@ impl<T: VmbusTransport> Connection<T> {
         if !entry.rescinded || entry.state == ChannelState::Open {
             return Err(ClientError::InvalidState(relid));
         }
+        self.forget_and_release(relid)
+    }
+
+    /// Forgets a rescinded channel and tells the host its relid is free (RELID_RELEASED).
+    fn forget_and_release(&mut self, relid: u32) -> Result<(), ClientError> {
         self.channels.remove(&relid);
         self.offer_order.retain(|r| *r != relid);
         self.post(&RelIdReleased::new(relid))
@@ -517,9 +522,7 @@ impl<T: VmbusTransport> Connection<T> {
         self.events.push_back(Event::Rescinded(relid));
         // Nothing of ours holds an unopened channel without GPADLs: release it now.
         if entry.state == ChannelState::Offered && entry.gpadls.is_empty() {
-            self.channels.remove(&relid);
-            self.offer_order.retain(|r| *r != relid);
-            if let Err(e) = self.post(&RelIdReleased::new(relid)) {
+            if let Err(e) = self.forget_and_release(relid) {
                 log::warn!("vmbus: RELID_RELEASED for {relid} failed: {e}");
             }
         }

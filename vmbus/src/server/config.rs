@@ -41,18 +41,17 @@ impl ServerConfig {
     /// The versions a Hyper-V host of the Windows Server 2022 era accepts, newest first: 5.3 down to 2.4 as the
     /// client proposes them, and the WS2008 / Win7 versions 0.13 and 1.1 (§5). 6.0 is left out: it adds feature
     /// flags to the version exchange that this server does not implement.
-    pub const DEFAULT_VERSIONS: [VmbusVersion; 10] = [
-        VmbusVersion::V5_3,
-        VmbusVersion::V5_2,
-        VmbusVersion::V5_1,
-        VmbusVersion::V5_0,
-        VmbusVersion::V4_1,
-        VmbusVersion::V4_0,
-        VmbusVersion::V3_0,
-        VmbusVersion::V2_4,
-        VmbusVersion::V1_1,
-        VmbusVersion::V0_13,
-    ];
+    pub const DEFAULT_VERSIONS: [VmbusVersion; 10] = {
+        let client = VmbusVersion::CLIENT_NEGOTIATION_ORDER;
+        let mut all = [VmbusVersion::V0_13; 10];
+        let mut i = 0;
+        while i < client.len() {
+            all[i] = client[i];
+            i += 1;
+        }
+        all[client.len()] = VmbusVersion::V1_1;
+        all
+    };
     /// Default `msg_conn_id`: connection id 4 again (the host's choice; any non-zero id works).
     pub const DEFAULT_MSG_CONN_ID: u32 = MESSAGE_CONNECTION_ID_V5;
     /// Default first event connection id (relid 1 signals on 0x2001).
