@@ -830,6 +830,13 @@ impl Rig {
                         self.note("retrying the whole run");
                     }
                 }
+                AttemptOutcome::L1Crashed(error) => {
+                    self.note(&format!("L1's kernel crashed on attempt {attempt} of {max_attempts}: {error}"));
+                    if attempt == max_attempts.max(1) {
+                        return Err(error);
+                    }
+                    self.note("retrying the whole run");
+                }
                 AttemptOutcome::Done(report) => {
                     let mut report = *report;
                     report.attempts = attempt;
@@ -1025,6 +1032,14 @@ impl Rig {
                     l2_tail: tail(&serial, 20),
                 }),
             },
+            // L1's Linux dying in the middle of a run is the emulation layer failing (the outer TCG runs L1's
+            // interrupts by software), like the outer abort: worth another attempt. A crash before L1 started
+            // L2 (a broken L1 image) is not.
+            AttemptEnd::L1Failed(reason)
+                if reason.starts_with(L1_PANIC_PREFIX) && console.contains("rig-l1: starting L2") =>
+            {
+                Ok(AttemptOutcome::L1Crashed(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }))
+            }
             AttemptEnd::L1Failed(reason) => Err(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }),
             AttemptEnd::L2Exited(l2_status) => {
                 let value = step_result?;
@@ -1087,6 +1102,8 @@ const STEP_FAILURE_GRACE: Duration = Duration::from_secs(15);
 
 enum AttemptOutcome<T> {
     Aborted(String),
+    /// L1's kernel panicked while L2 ran; retried, and reported as the run's error if it was the last attempt.
+    L1Crashed(RunError),
     Done(Box<RunReport<T>>),
 }
 
@@ -1155,6 +1172,9 @@ fn tail_l1_console(
 
 /// Decides how an attempt ended, from the outer QEMU's status (`None`: killed at the time limit), its stderr
 /// and L1's console.
+/// How [`classify_attempt`] starts the reason of an L1 whose Linux kernel panicked.
+const L1_PANIC_PREFIX: &str = "L1's kernel panicked: ";
+
 fn classify_attempt(status: Option<ExitStatus>, stderr: &str, console: &str) -> AttemptEnd {
     let Some(status) = status else {
         return AttemptEnd::TimedOut;
@@ -1174,7 +1194,7 @@ fn classify_attempt(status: Option<ExitStatus>, stderr: &str, console: &str) -> 
     let last_stderr = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("").trim();
     let l1_panic = console.lines().find(|line| line.contains("Kernel panic")).map(str::trim);
     let reason = match (l1_panic, last_stderr) {
-        (Some(panic), _) => format!("L1's kernel panicked: {panic}"),
+        (Some(panic), _) => format!("{L1_PANIC_PREFIX}{panic}"),
         (None, "") => format!("L1 ended without reporting L2's exit (outer QEMU {status})"),
         (None, message) => {
             format!("L1 ended without reporting L2's exit (outer QEMU {status}: {message})")
