@@ -536,6 +536,11 @@ pub enum RunError {
         /// The end of L2's serial log.
         l2_tail: String,
     },
+    /// L2 reset inside its firmware, before OVMF started the image's boot loader.
+    L2FirmwareReset {
+        /// The end of L2's serial log.
+        l2_tail: String,
+    },
     /// A QMP exchange failed.
     Qmp(QmpError),
     /// A step of the test failed (e.g. a line never appeared on L2's serial port).
@@ -562,6 +567,11 @@ impl fmt::Display for RunError {
             RunError::L2Status { expected, actual, l2_tail } => {
                 write!(f, "L2 ended with {actual:?}, expected {expected:?}; its serial log ended with:\n{l2_tail}")
             }
+            RunError::L2FirmwareReset { l2_tail } => write!(
+                f,
+                "L2 reset inside its firmware before OVMF started the image (no {OVMF_STARTS_IMAGE:?} on its serial \
+                 port); L2's serial log ended with:\n{l2_tail}"
+            ),
             RunError::Qmp(error) => write!(f, "{error}"),
             RunError::Step(why) => write!(f, "{why}"),
         }
@@ -830,8 +840,8 @@ impl Rig {
                         self.note("retrying the whole run");
                     }
                 }
-                AttemptOutcome::L1Crashed(error) => {
-                    self.note(&format!("L1's kernel crashed on attempt {attempt} of {max_attempts}: {error}"));
+                AttemptOutcome::Retryable(error) => {
+                    self.note(&format!("attempt {attempt} of {max_attempts} failed in the emulation layer: {error}"));
                     if attempt == max_attempts.max(1) {
                         return Err(error);
                     }
@@ -1038,9 +1048,15 @@ impl Rig {
             AttemptEnd::L1Failed(reason)
                 if reason.starts_with(L1_PANIC_PREFIX) && console.contains("rig-l1: starting L2") =>
             {
-                Ok(AttemptOutcome::L1Crashed(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }))
+                Ok(AttemptOutcome::Retryable(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }))
             }
             AttemptEnd::L1Failed(reason) => Err(RunError::L1Failure { reason, l1_tail: tail(&console, 20) }),
+            // L2's QEMU ends with status 0 when its guest resets (`-no-reboot`). Before OVMF started the boot
+            // option the image has not run a single instruction, so such a reset is the nested emulation failing
+            // (seen once in about forty runs), not the image: worth another attempt.
+            AttemptEnd::L2Exited(l2_status) if reset_in_firmware(l2_status, &serial) => {
+                Ok(AttemptOutcome::Retryable(RunError::L2FirmwareReset { l2_tail: tail(&serial, 20) }))
+            }
             AttemptEnd::L2Exited(l2_status) => {
                 let value = step_result?;
                 let l2_exit = Exit::from_status(ExitStatus::from_raw((l2_status & 0xff) << 8));
@@ -1102,8 +1118,9 @@ const STEP_FAILURE_GRACE: Duration = Duration::from_secs(15);
 
 enum AttemptOutcome<T> {
     Aborted(String),
-    /// L1's kernel panicked while L2 ran; retried, and reported as the run's error if it was the last attempt.
-    L1Crashed(RunError),
+    /// The emulation layer failed (L1's kernel panicked while L2 ran, or L2 reset inside its firmware); retried,
+    /// and reported as the run's error if it was the last attempt.
+    Retryable(RunError),
     Done(Box<RunReport<T>>),
 }
 
@@ -1168,6 +1185,14 @@ fn tail_l1_console(
         log.close();
         l2_started
     })
+}
+
+/// What OVMF prints on the serial port as it hands over to a boot option (the image's UEFI boot loader).
+const OVMF_STARTS_IMAGE: &str = "BdsDxe: starting ";
+
+/// Whether L2 ended by a reset (status 0 under `-no-reboot`) before OVMF handed over to the image.
+fn reset_in_firmware(l2_status: i32, serial: &str) -> bool {
+    l2_status == 0 && !serial.contains(OVMF_STARTS_IMAGE)
 }
 
 /// Decides how an attempt ended, from the outer QEMU's status (`None`: killed at the time limit), its stderr
@@ -1343,6 +1368,18 @@ mod tests {
         assert!(matches!(panic, AttemptEnd::L1Failed(reason) if reason.contains("Unable to mount root")));
         let silent = classify_attempt(status(1), "qemu: could not open file\n", "");
         assert!(matches!(silent, AttemptEnd::L1Failed(reason) if reason.contains("could not open file")));
+    }
+
+    #[test]
+    fn only_a_reset_before_the_image_started_is_a_firmware_reset() {
+        // L2's serial log of the CI run that reset in OVMF: screen clears, no boot option started.
+        let firmware = "\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01H\x1b[2J\x1b[01;01H";
+        assert!(reset_in_firmware(0, firmware));
+        let started = "BdsDxe: loading Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)\n\
+                       BdsDxe: starting Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0)\n";
+        assert!(!reset_in_firmware(0, started), "a reset once the image ran is the image's");
+        assert!(!reset_in_firmware(33, firmware), "an isa-debug-exit status is the image's");
+        assert!(!reset_in_firmware(35, ""));
     }
 
     #[test]
