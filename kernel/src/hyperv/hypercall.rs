@@ -39,6 +39,8 @@ pub enum HypercallSetupError {
     Map(PagingError),
     /// The mapping came out writable or not executable (the flags it has).
     WrongMapping(PageTableFlags),
+    /// The physical-memory window's alias of the page stayed writable or executable (the flags it has).
+    WritableAlias(PageTableFlags),
     /// The hypervisor left the page empty: its first 16 bytes are zero.
     EmptyStub,
 }
@@ -57,6 +59,9 @@ impl core::fmt::Display for HypercallSetupError {
             HypercallSetupError::Map(e) => write!(f, "mapping the hypercall page: {e}"),
             HypercallSetupError::WrongMapping(flags) => {
                 write!(f, "the hypercall page is mapped with {flags:?}, not executable and read-only")
+            }
+            HypercallSetupError::WritableAlias(flags) => {
+                write!(f, "the physical-memory window still maps the hypercall page with {flags:?}")
             }
             HypercallSetupError::EmptyStub => f.write_str("the hypervisor did not fill the hypercall page"),
         }
@@ -90,6 +95,9 @@ impl HypercallInterface {
         enable_hypercall_page(msrs, guest_os_id, page.gpfn()).map_err(HypercallSetupError::Msr)?;
         let frame = PhysFrame::containing_address(page.phys());
         let stub = paging::map_executable_readonly(frame).map_err(HypercallSetupError::Map)?;
+        // The physical-memory window maps every frame writable: take that away from this one, so the page the
+        // hypervisor fills can be neither written nor executed through any other address.
+        paging::write_protect_physical_alias(frame).map_err(HypercallSetupError::Map)?;
         let interface = HypercallInterface { page, stub, io: Mutex::new(io), enabled: AtomicBool::new(false) };
         interface.check()?;
         interface.enabled.store(true, Ordering::Release);
@@ -104,6 +112,11 @@ impl HypercallInterface {
             && !flags.contains(PageTableFlags::NO_EXECUTE);
         if phys != self.page.phys() || !executable_readonly {
             return Err(HypercallSetupError::WrongMapping(flags));
+        }
+        let alias = crate::mm::phys_to_virt(self.page.phys());
+        let (_, alias_flags) = paging::translate(alias).ok_or(HypercallSetupError::Map(PagingError::NotMapped))?;
+        if alias_flags.contains(PageTableFlags::WRITABLE) || !alias_flags.contains(PageTableFlags::NO_EXECUTE) {
+            return Err(HypercallSetupError::WritableAlias(alias_flags));
         }
         let words = self.page.words();
         if words[0].load(Ordering::Acquire) == 0 && words[1].load(Ordering::Acquire) == 0 {

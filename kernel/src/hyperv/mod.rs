@@ -215,7 +215,7 @@ fn enable_hypercalls(hv: &mut HyperV) {
                 hv.firmware_guest_os_id.unwrap_or_default().bits()
             );
             log::info!(
-                "hyperv: hypercall page enabled at {:#x} (MSR {:#x}), mapped executable and read-only at {:#x}",
+                "hyperv: hypercall page enabled at {:#x} (MSR {:#x}), mapped executable and read-only at {:#x}, its physical-window alias read-only",
                 interface.page_phys().as_u64(),
                 interface.msr(&hv.msrs).bits(),
                 interface.stub_address().as_u64()

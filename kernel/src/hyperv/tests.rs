@@ -183,6 +183,19 @@ fn hypercall_page_enabled() -> TestResult {
     use x86_64::structures::paging::PageTableFlags;
     kassert!(!flags.contains(PageTableFlags::WRITABLE), "mapped writable: {flags:?}");
     kassert!(!flags.contains(PageTableFlags::NO_EXECUTE), "mapped not executable: {flags:?}");
+    // No other way in: the physical-memory window's alias is read-only and not executable, and its neighbours
+    // (split out of the same huge page) kept their translation and write access.
+    let alias = crate::mm::phys_to_virt(interface.page_phys());
+    let (alias_phys, alias_flags) = crate::mm::paging::translate(alias).ok_or("the alias is not mapped")?;
+    kassert_eq!(alias_phys, interface.page_phys());
+    kassert!(!alias_flags.contains(PageTableFlags::WRITABLE), "alias writable: {alias_flags:?}");
+    kassert!(alias_flags.contains(PageTableFlags::NO_EXECUTE), "alias executable: {alias_flags:?}");
+    for neighbour in [interface.page_phys() - 4096u64, interface.page_phys() + 4096u64] {
+        let (phys, flags) =
+            crate::mm::paging::translate(crate::mm::phys_to_virt(neighbour)).ok_or("a neighbour lost its mapping")?;
+        kassert_eq!(phys, neighbour);
+        kassert!(flags.contains(PageTableFlags::WRITABLE), "neighbour {neighbour:?} lost write access: {flags:?}");
+    }
     let (input, output) = interface.io_pages_phys();
     kassert!(input.is_aligned(4096u64) && output.is_aligned(4096u64) && input != output);
     kassert!(interface.is_enabled());

@@ -184,6 +184,70 @@ pub fn map_executable_readonly(frame: PhysFrame) -> Result<VirtAddr, PagingError
     map_frames(frame, 1, PageTableFlags::PRESENT)
 }
 
+/// Makes the physical-memory window's alias of `frame` read-only and not executable, splitting the window's huge
+/// page(s) around it into 4 KiB entries (new page tables from the frame allocator; every other address keeps its
+/// translation and permissions). For frames the guest must never write, such as the hypercall page, which stays
+/// readable through [`super::phys_to_virt`]. Returns the alias's new flags.
+pub fn write_protect_physical_alias(frame: PhysFrame) -> Result<PageTableFlags, PagingError> {
+    let mut guard = MAPPER.lock();
+    let mapper = guard.as_mut().ok_or(PagingError::NotInitialised)?;
+    let phys_offset = mapper.phys_offset().as_u64();
+    let alias = VirtAddr::try_new(phys_offset + frame.start_address().as_u64()).map_err(|_| PagingError::BadRange)?;
+    let page = Page::<Size4KiB>::containing_address(alias);
+    let huge = PageTableFlags::HUGE_PAGE;
+    let mut table: &mut PageTable = mapper.level_4_table_mut();
+    // Level 4 → 3 → 2 → 1: index and size of the region one entry of the table maps.
+    let levels = [
+        (page.p4_index(), 1u64 << 39),
+        (page.p3_index(), 1 << 30),
+        (page.p2_index(), 1 << 21),
+    ];
+    for (level, (index, entry_span)) in levels.into_iter().enumerate() {
+        let entry = &mut table[index];
+        if !entry.flags().contains(PageTableFlags::PRESENT) {
+            return Err(PagingError::NotMapped);
+        }
+        if entry.flags().contains(huge) {
+            if level == 0 {
+                return Err(PagingError::NotMapped);
+            }
+            // Replace the huge entry by a table of 512 entries of the next size down, same frames and flags.
+            let child_span = entry_span / 512;
+            let child_flags = if child_span == FRAME_SIZE { entry.flags() - huge } else { entry.flags() };
+            let first = entry.addr().as_u64();
+            let new_frame = alloc_frame_for_table().ok_or(PagingError::OutOfFrames)?;
+            // SAFETY: the frame is fresh from the allocator, so nothing else refers to it; it is reached through the
+            // physical-memory window, which maps all physical memory writable.
+            let child = unsafe { &mut *VirtAddr::new(phys_offset + new_frame.as_u64()).as_mut_ptr::<PageTable>() };
+            for (i, child_entry) in child.iter_mut().enumerate() {
+                child_entry.set_addr(PhysAddr::new(first + i as u64 * child_span), child_flags);
+            }
+            let table_flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+            entry.set_addr(new_frame, table_flags);
+        }
+        let next = entry.addr().as_u64();
+        // SAFETY: `next` is the page table this present, non-huge entry points to (set just above, or by the
+        // bootloader); page tables are only reached through `MAPPER`'s lock, which is held.
+        table = unsafe { &mut *VirtAddr::new(phys_offset + next).as_mut_ptr::<PageTable>() };
+    }
+    let entry = &mut table[page.p1_index()];
+    if !entry.flags().contains(PageTableFlags::PRESENT) || entry.addr() != frame.start_address() {
+        return Err(PagingError::NotMapped);
+    }
+    let flags = (entry.flags() - PageTableFlags::WRITABLE) | no_execute();
+    entry.set_flags(flags);
+    // One INVLPG drops whatever TLB entry covered the alias, of any page size (SDM vol. 3 §4.10.4.1); every other
+    // address kept its translation and permissions, so their cached entries are still right.
+    x86_64::instructions::tlb::flush(alias);
+    Ok(flags)
+}
+
+/// A zeroed-or-not frame for a page table (every entry is written by the caller).
+fn alloc_frame_for_table() -> Option<PhysAddr> {
+    use x86_64::structures::paging::FrameAllocator;
+    GlobalFrameAllocator.allocate_frame().map(|frame| frame.start_address())
+}
+
 /// Removes the mappings of every page in `[virt, virt + len)` (made by this module) and flushes them from the TLB.
 /// The frames behind them stay with their owner. Stops at the first page that is not mapped.
 pub fn unmap(virt: VirtAddr, len: u64) -> Result<(), PagingError> {
@@ -254,7 +318,40 @@ pub const KTESTS: &[KTest] = &[
         name: "mm::paging::bad_requests_are_refused",
         run: bad_requests_are_refused,
     },
+    KTest {
+        name: "mm::paging::physical_alias_write_protected_alone",
+        run: physical_alias_write_protected_alone,
+    },
 ];
+
+fn physical_alias_write_protected_alone() -> TestResult {
+    // The frame is protected for good, so it is never given back to the allocator.
+    let frame = super::frames::alloc_frame().ok_or("no frame")?;
+    let alias = super::phys_to_virt(frame);
+    let before = translate(alias).ok_or("the window does not map the frame")?;
+    kassert!(before.1.contains(PageTableFlags::WRITABLE), "the window maps {frame:?} with {:?}", before.1);
+    let flags = write_protect_physical_alias(PhysFrame::containing_address(frame))
+        .map_err(|e| format!("write_protect_physical_alias: {e}"))?;
+    kassert!(!flags.contains(PageTableFlags::WRITABLE));
+    let (phys, after) = translate(alias).ok_or("the alias lost its mapping")?;
+    kassert_eq!(phys, frame);
+    kassert_eq!(after, flags);
+    kassert!(!after.contains(PageTableFlags::WRITABLE) && !after.contains(PageTableFlags::HUGE_PAGE));
+    // Every other frame of the old huge page keeps its translation and write access.
+    let two_mib = frame.align_down(1u64 << 21);
+    for offset in (0..(1u64 << 21)).step_by(FRAME_SIZE as usize) {
+        let other = two_mib + offset;
+        if other == frame {
+            continue;
+        }
+        let (phys, flags) = translate(super::phys_to_virt(other)).ok_or("a neighbour lost its mapping")?;
+        kassert_eq!(phys, other);
+        kassert!(flags.contains(PageTableFlags::WRITABLE), "{other:?} lost write access: {flags:?}");
+    }
+    // Protecting it again changes nothing.
+    kassert_eq!(write_protect_physical_alias(PhysFrame::containing_address(frame)), Ok(flags));
+    Ok(())
+}
 
 fn mmio_mapping_is_uncached() -> TestResult {
     // A RAM frame stands in for a device page: the test can check the data through both mappings.
