@@ -154,6 +154,7 @@ fn hyperv_platform_layer_under_kvm() {
     expect(&format!("hyperv: guest OS id {:#018x} written", expected_guest_os_id()));
     expect("hyperv: hypercall page enabled at 0x");
     expect("mapped executable and read-only");
+    expect("its physical-window alias read-only");
     expect("hyperv: PostMessage to unknown connection id 0xfedcba: status 0x0012 INVALID_CONNECTION_ID");
     expect("hyperv: SignalEvent (fast form) to 0xfedcba: HV_STATUS_INVALID_CONNECTION_ID (0x0012)");
     expect("hyperv: SynIC enabled: message page 0x");
