@@ -40,9 +40,8 @@ impl Cmdline {
         self.text
             .split_ascii_whitespace()
             .filter_map(|word| word.split_once('='))
-            .filter(|(k, _)| *k == key)
+            .rfind(|(k, _)| *k == key)
             .map(|(_, v)| v)
-            .last()
     }
 
     /// The whole text.

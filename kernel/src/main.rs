@@ -12,6 +12,7 @@
 extern crate alloc;
 
 mod arch;
+mod bus;
 mod cmdline;
 mod console;
 mod exit;
@@ -89,6 +90,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
                 time::KTESTS,
                 console::framebuffer::KTESTS,
                 hyperv::KTESTS,
+                bus::KTESTS,
             ],
             cmdline.get("filter"),
         ),
@@ -106,10 +108,30 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         None => {}
     }
 
+    list_vmbus_offers();
     // Leave the hypervisor as firmware would expect to find it after a reboot.
     hyperv::teardown();
     log::info!("main job finished");
     exit(ExitCode::Success)
+}
+
+/// Connects to the host's VMBus, prints what it offers, and unloads; says why where there is no VMBus.
+fn list_vmbus_offers() {
+    match bus::connect() {
+        Ok(mut connection) => {
+            kprintln!(
+                "VMBus {} (message connection id {}), {} offers:\n{}",
+                connection.version(),
+                connection.message_connection_id(),
+                connection.offers().count(),
+                bus::offer_table(connection.offers(), |_| false)
+            );
+            if let Err(e) = connection.unload() {
+                log::warn!("vmbus: unload: {e}");
+            }
+        }
+        Err(e) => kprintln!("VMBus: not connected: {e}"),
+    }
 }
 
 /// Recurses until the kernel stack overflows into its guard page: the page fault cannot push its frame there, so

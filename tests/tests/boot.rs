@@ -13,6 +13,10 @@ fn main_job_ends_with_platform_report_and_clean_exit() {
     for field in ["cpu:", "memory:", "hypervisor:"] {
         assert!(log[report..].contains(field), "platform report lacks {field}");
     }
+    assert!(
+        log.contains("VMBus: not connected: no Hyper-V hypercalls and SynIC, so no VMBus host"),
+        "the main job must say why there is no VMBus under TCG:\n{log}"
+    );
 }
 
 #[test]

@@ -75,6 +75,10 @@ fn kernel_detects_hyperv_under_kvm() {
         "the kernel did not see the Hyper-V interface (CPUID 0x40000000 \"Microsoft Hv\") under KVM:\n{log}"
     );
     assert!(report.l1_console.contains("rig-l1: kvm ready"), "L1 did not report KVM:\n{}", report.l1_console);
+    assert!(
+        log.contains("VMBus 4.0 (message connection id 1), 1 offers:"),
+        "the main job did not list QEMU's offers:\n{log}"
+    );
 }
 
 /// The rig itself: L2's QMP monitor is reachable from the host while L2 runs, answers for the hv-balloon device,
@@ -180,4 +184,26 @@ fn hyperv_sints_use_apic_eoi_when_auto_eoi_is_deprecated() {
         log.contains("vector 0x51, APIC EOI (auto-EOI deprecated by the hypervisor)"),
         "the SynIC did not fall back to APIC EOI:\n{log}"
     );
+}
+
+/// The client core on the real host (issue 5): the kernel connects to QEMU's VMBus, lists the offers, opens the
+/// hv-balloon channel on ring pages from its heap (one GPADL over both rings), sends a Dynamic Memory version request
+/// through the outgoing ring, reads QEMU's VERSION_RESPONSE from the incoming ring, closes, tears the GPADL down and
+/// unloads.
+#[test]
+fn a_channel_opens_and_carries_packets_on_the_real_host() {
+    let test = "a_channel_opens_and_carries_packets_on_the_real_host";
+    let Some(rig) = rig_or_skip(test) else { return };
+    let image = tests::make_image("real-host-bus", Some("mode=test filter=bus::"));
+    let report = rig.run(&image, &RunOptions::default()).unwrap_or_else(|error| panic!("{error}"));
+    let log = report.l2_serial.clone();
+    let verdicts = tests::ktest_verdicts(&log);
+    let not_passed: Vec<_> = verdicts.iter().filter(|v| !v.passed()).collect();
+    assert!(not_passed.is_empty(), "bus tests failed or were skipped under KVM: {not_passed:#?}\n{log}");
+    assert!(verdicts.len() >= 3, "expected the bus tests, saw {verdicts:#?}:\n{log}");
+    assert!(log.contains("VMBus 4.0 offers:"), "no offer table:\n{log}");
+    let balloon = log.lines().find(|line| line.contains("dynamic memory")).expect("hv-balloon is not in the table");
+    assert!(balloon.trim_start().starts_with('1'), "hv-balloon's relid: {balloon}");
+    assert!(log.contains("VERSION_RESPONSE accepted 2.0"), "no round trip through the rings:\n{log}");
+    report.expect_exit(Exit::GuestSuccess).unwrap_or_else(|error| panic!("{error}"));
 }

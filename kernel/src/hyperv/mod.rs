@@ -20,7 +20,7 @@
 pub mod clock;
 mod cpu;
 pub mod hypercall;
-mod shared_page;
+pub mod shared_page;
 pub mod stimer;
 pub mod synic;
 mod tests;
