@@ -57,7 +57,12 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
     mm::set_phys_window_end(&boot_info.memory_regions);
     let heap = mm::heap::init(&boot_info.memory_regions).unwrap_or_else(|e| panic!("heap: {e}"));
     mm::frames::init(&boot_info.memory_regions, heap.clone());
-    log::info!("heap: {} MiB at {:#x}; {} free frames", (heap.end - heap.start) >> 20, heap.start, mm::frames::stats().free);
+    log::info!(
+        "heap: {} MiB at {:#x}; {} free frames",
+        (heap.end - heap.start) >> 20,
+        heap.start,
+        mm::frames::stats().free
+    );
     mm::paging::init(phys_offset).unwrap_or_else(|e| panic!("paging: {e}"));
 
     arch::acpi::set_rsdp(boot_info.rsdp_addr.into_option());
@@ -119,8 +124,9 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
 fn list_vmbus_offers() {
     match bus::connect() {
         Ok(mut connection) => {
+            kprintln!("{}", bus::negotiation_line(&connection));
             kprintln!(
-                "VMBus {} (message connection id {}), {} offers:\n{}",
+                "VMBus {} (message connection id {}), {} offers (all delivered):\n{}",
                 connection.version(),
                 connection.message_connection_id(),
                 connection.offers().count(),
@@ -148,10 +154,7 @@ fn overflow_stack(depth: u64) -> u64 {
 /// Writes to a page that is never mapped, so the page-fault handler reports and ends the run.
 fn provoke_page_fault() -> ! {
     let target = mm::paging::never_mapped_address().expect("paging is initialised");
-    log::info!(
-        "mode=fault: writing to unmapped address {:#018x}",
-        target.as_u64()
-    );
+    log::info!("mode=fault: writing to unmapped address {:#018x}", target.as_u64());
     // SAFETY: the address is in the kernel's mapping window and never mapped, so the write cannot touch any memory:
     // it raises #PF, whose handler ends the run and never returns here.
     unsafe { target.as_mut_ptr::<u64>().write_volatile(0xBAD) };

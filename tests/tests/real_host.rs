@@ -76,7 +76,7 @@ fn kernel_detects_hyperv_under_kvm() {
     );
     assert!(report.l1_console.contains("rig-l1: kvm ready"), "L1 did not report KVM:\n{}", report.l1_console);
     assert!(
-        log.contains("VMBus 4.0 (message connection id 1), 1 offers:"),
+        log.contains("VMBus 4.0 (message connection id 1), 1 offers (all delivered):"),
         "the main job did not list QEMU's offers:\n{log}"
     );
 }
@@ -202,6 +202,12 @@ fn a_channel_opens_and_carries_packets_on_the_real_host() {
     assert!(not_passed.is_empty(), "bus tests failed or were skipped under KVM: {not_passed:#?}\n{log}");
     assert!(verdicts.len() >= 3, "expected the bus tests, saw {verdicts:#?}:\n{log}");
     assert!(log.contains("VMBus 4.0 offers:"), "no offer table:\n{log}");
+    let unknown = "refused (connection id unknown to the host)";
+    let negotiation = format!(
+        "VMBus versions: 5.3 {unknown}; 5.2 {unknown}; 5.1 {unknown}; 5.0 {unknown}; 4.1 refused; 4.0 accepted; \
+         message connection id 1"
+    );
+    assert!(log.contains(&negotiation), "expected `{negotiation}`:\n{log}");
     let balloon = log.lines().find(|line| line.contains("dynamic memory")).expect("hv-balloon is not in the table");
     assert!(balloon.trim_start().starts_with('1'), "hv-balloon's relid: {balloon}");
     assert!(log.contains("VERSION_RESPONSE accepted 2.0"), "no round trip through the rings:\n{log}");

@@ -2,7 +2,7 @@
 //! (`server::LoopbackBus`): every control sequence end to end, the hosts the client must cope with, and the
 //! 16-buffer limits in both directions.
 
-use vmbus::client::{ClientError, ConnectOptions, Connection, Event, GpadlId};
+use vmbus::client::{ClientError, ConnectOptions, Connection, Event, GpadlId, VersionAttempt};
 use vmbus::hv::hypercall::{HvError, Hypercalls};
 use vmbus::hv::synic::consume_message;
 use vmbus::protocol::{
@@ -98,6 +98,18 @@ fn a_qemu_like_host_leaves_the_guest_at_4_0_on_connection_id_1() {
     assert_eq!(contacts(&log), [1, 1], "4.1 then 4.0; the 5.x attempts never reached the host");
     assert!(log.iter().all(|m| m.connection_id == 1));
     assert_eq!(bus.with_server(|server| server.stats().versions_refused), 1);
+    let unknown = VersionAttempt::ConnectionIdUnknown;
+    assert_eq!(
+        conn.version_attempts(),
+        [
+            (VmbusVersion::V5_3, unknown),
+            (VmbusVersion::V5_2, unknown),
+            (VmbusVersion::V5_1, unknown),
+            (VmbusVersion::V5_0, unknown),
+            (VmbusVersion::V4_1, VersionAttempt::Refused),
+            (VmbusVersion::V4_0, VersionAttempt::Accepted),
+        ]
+    );
 }
 
 #[test]

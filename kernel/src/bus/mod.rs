@@ -116,6 +116,17 @@ pub fn connect() -> Result<Connection<KernelTransport>, BusError> {
     Ok(connection)
 }
 
+/// The version negotiation as one line: each version proposed, newest first, and the host's answer.
+pub fn negotiation_line(connection: &Connection<KernelTransport>) -> String {
+    let mut line = String::from("VMBus versions:");
+    for (version, answer) in connection.version_attempts() {
+        let _ = write!(line, " {version} {answer};");
+    }
+    line.pop();
+    let _ = write!(line, "; message connection id {}", connection.message_connection_id());
+    line
+}
+
 /// The offers as a table: one line per channel with its class name (or "no driver"/unknown), instance GUID, relid,
 /// connection id, flags and how it is signalled.
 pub fn offer_table<'a>(offers: impl IntoIterator<Item = &'a Offer>, has_driver: impl Fn(&Offer) -> bool) -> String {

@@ -91,7 +91,8 @@ impl HeapRing {
         // `Arc<RingBlock>` exists, and the view is stored next to such a clone in `HeapRing`, which never hands the
         // view itself out (only `data()` borrows of `&self`), so the `'static` never outlives the memory. The block
         // is reached only through `RawRingMemory` views, which use atomics alone; the host writes it concurrently.
-        let view = unsafe { RawRingMemory::new(block.base, block.layout.size()) }.map_err(|_| RingAllocError::Refused)?;
+        let view =
+            unsafe { RawRingMemory::new(block.base, block.layout.size()) }.map_err(|_| RingAllocError::Refused)?;
         Ok(HeapRing { view, _block: Arc::clone(block) })
     }
 }
@@ -139,11 +140,7 @@ pub fn allocate_channel_rings(
     let incoming = Arc::new(RingBlock::allocate(incoming_pages)?);
     let mut pfns = outgoing.pfns();
     pfns.extend(incoming.pfns());
-    let rings = ChannelRings {
-        outgoing: HeapRing::new(&outgoing)?,
-        incoming: HeapRing::new(&incoming)?,
-        pfns,
-        outgoing_pages,
-    };
+    let rings =
+        ChannelRings { outgoing: HeapRing::new(&outgoing)?, incoming: HeapRing::new(&incoming)?, pfns, outgoing_pages };
     Ok((rings, RingLease { blocks: [outgoing, incoming] }))
 }

@@ -138,5 +138,6 @@ fn balloon_channel_packet_round_trip() -> TestResult {
 }
 
 fn kprintln_table(connection: &vmbus::client::Connection<KernelTransport>) {
+    crate::kprintln!("{}", super::negotiation_line(connection));
     crate::kprintln!("VMBus {} offers:\n{}", connection.version(), offer_table(connection.offers(), |_| false));
 }

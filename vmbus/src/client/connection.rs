@@ -54,6 +54,28 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GpadlId(pub u32);
 
+/// How the host answered one INITIATE_CONTACT while connecting (§5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionAttempt {
+    /// VERSION_RESPONSE with `version_supported = 0`.
+    Refused,
+    /// The PostMessage hypercall failed with INVALID_CONNECTION_ID: the host does not listen on the connection id
+    /// this version uses (4 from 5.0 on).
+    ConnectionIdUnknown,
+    /// Accepted: the connection runs this version.
+    Accepted,
+}
+
+impl core::fmt::Display for VersionAttempt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            VersionAttempt::Refused => "refused",
+            VersionAttempt::ConnectionIdUnknown => "refused (connection id unknown to the host)",
+            VersionAttempt::Accepted => "accepted",
+        })
+    }
+}
+
 /// Counters of what the connection saw; malformed or unexpected host messages are counted and dropped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionStats {
@@ -98,6 +120,8 @@ pub struct Connection<T: VmbusTransport> {
     all_offers_delivered: bool,
     unloaded: bool,
     stats: ConnectionStats,
+    /// The versions proposed while connecting and the answers.
+    attempts: Vec<(VmbusVersion, VersionAttempt)>,
 }
 
 /// First guest-chosen GPADL handle; any non-zero value works, a recognisable one helps when reading host logs.
@@ -129,6 +153,7 @@ impl<T: VmbusTransport> Connection<T> {
             all_offers_delivered: false,
             unloaded: false,
             stats: ConnectionStats::default(),
+            attempts: Vec::new(),
         };
         let versions = connection.options.versions.clone();
         for version in versions {
@@ -153,6 +178,7 @@ impl<T: VmbusTransport> Connection<T> {
                 Ok(()) => {}
                 Err(e) if e.status() == HvStatus::INVALID_CONNECTION_ID => {
                     log::debug!("vmbus: version {version} refused: connection id {conn_id} unknown to the host");
+                    connection.attempts.push((version, VersionAttempt::ConnectionIdUnknown));
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -163,12 +189,14 @@ impl<T: VmbusTransport> Connection<T> {
             })?;
             if !response.version_supported {
                 log::debug!("vmbus: version {version} refused by the host");
+                connection.attempts.push((version, VersionAttempt::Refused));
                 continue;
             }
             if response.connection_state != ConnectionState::SUCCESSFUL {
                 return Err(ClientError::ConnectionRefused(response.connection_state));
             }
             connection.version = version;
+            connection.attempts.push((version, VersionAttempt::Accepted));
             connection.msg_conn_id = if version.has_msg_conn_id() {
                 match response.msg_conn_id {
                     Some(id) if id != 0 => id,
@@ -180,6 +208,11 @@ impl<T: VmbusTransport> Connection<T> {
             return Ok(connection);
         }
         Err(ClientError::NoVersionAccepted)
+    }
+
+    /// Every version proposed while connecting, newest first, with the host's answer (the last one accepted).
+    pub fn version_attempts(&self) -> &[(VmbusVersion, VersionAttempt)] {
+        &self.attempts
     }
 
     /// The negotiated version.
@@ -502,7 +535,8 @@ impl<T: VmbusTransport> Connection<T> {
             log::warn!("vmbus: refused a second offer for relid {relid}");
             return;
         }
-        self.channels.insert(relid, ChannelEntry { offer, state: ChannelState::Offered, rescinded: false, gpadls: Vec::new() });
+        self.channels
+            .insert(relid, ChannelEntry { offer, state: ChannelState::Offered, rescinded: false, gpadls: Vec::new() });
         self.offer_order.push(relid);
         self.events.push_back(Event::Offered(relid));
     }

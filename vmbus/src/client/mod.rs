@@ -19,7 +19,7 @@ pub(crate) mod fake_host;
 #[cfg(test)]
 mod tests;
 
-pub use connection::{ConnectOptions, Connection, ConnectionStats, Event, GpadlId};
+pub use connection::{ConnectOptions, Connection, ConnectionStats, Event, GpadlId, VersionAttempt};
 pub use offer::Offer;
 
 use crate::hv::hypercall::{Delay, HvError, Hypercalls};
