@@ -257,9 +257,7 @@ impl core::fmt::Display for AcpiError {
 
 /// Copies `out.len()` bytes of physical memory at `phys` out of the physical-memory window.
 fn read_phys(phys: u64, out: &mut [u8]) -> Result<(), AcpiError> {
-    let end = phys
-        .checked_add(out.len() as u64)
-        .ok_or(AcpiError::OutOfWindow)?;
+    let end = phys.checked_add(out.len() as u64).ok_or(AcpiError::OutOfWindow)?;
     if end > phys_window_end() {
         return Err(AcpiError::OutOfWindow);
     }
@@ -319,8 +317,7 @@ fn find_fadt(rsdp_phys: u64) -> Result<u64, AcpiError> {
     // Revision 2+ has the XSDT with 64-bit entries; revision 0 only the RSDT with 32-bit ones.
     let use_xsdt = rsdp.revision >= 2 && rsdp.xsdt_address.get() != 0;
     let (root, entry_size) = if use_xsdt {
-        if !(36..=4096).contains(&rsdp.length.get()) || checksum(rsdp_phys, rsdp.length.get())? != 0
-        {
+        if !(36..=4096).contains(&rsdp.length.get()) || checksum(rsdp_phys, rsdp.length.get())? != 0 {
             return Err(AcpiError::Malformed("RSDP extended checksum"));
         }
         (rsdp.xsdt_address.get(), 8u64)
@@ -335,11 +332,7 @@ fn find_fadt(rsdp_phys: u64) -> Result<u64, AcpiError> {
     let entries = (u64::from(header.length.get()) - size_of::<SdtHeader>() as u64) / entry_size;
     for i in 0..entries {
         let at = root + size_of::<SdtHeader>() as u64 + i * entry_size;
-        let table = if use_xsdt {
-            read_struct::<U64>(at)?.get()
-        } else {
-            u64::from(read_struct::<U32>(at)?.get())
-        };
+        let table = if use_xsdt { read_struct::<U64>(at)?.get() } else { u64::from(read_struct::<U32>(at)?.get()) };
         // A bad entry is skipped; another entry may still be the FADT.
         if let Ok(entry) = read_table_header(table)
             && &entry.signature == b"FACP"
@@ -372,20 +365,15 @@ impl PmTimer {
         if flags & FADT_HW_REDUCED_ACPI != 0 {
             return Err(AcpiError::NoPmTimer);
         }
-        let bits = if flags & FADT_TMR_VAL_EXT != 0 {
-            32
-        } else {
-            24
-        };
+        let bits = if flags & FADT_TMR_VAL_EXT != 0 { 32 } else { 24 };
         let extended = &fadt.x_pm_tmr_blk;
-        let port =
-            if extended.address_space == ADDRESS_SPACE_SYSTEM_IO && extended.address.get() != 0 {
-                extended.address.get()
-            } else if fadt.pm_tmr_len == 4 {
-                u64::from(fadt.pm_tmr_blk.get())
-            } else {
-                0
-            };
+        let port = if extended.address_space == ADDRESS_SPACE_SYSTEM_IO && extended.address.get() != 0 {
+            extended.address.get()
+        } else if fadt.pm_tmr_len == 4 {
+            u64::from(fadt.pm_tmr_blk.get())
+        } else {
+            0
+        };
         match u16::try_from(port) {
             Ok(port) if port != 0 => Ok(PmTimer { port, bits }),
             _ => Err(AcpiError::NoPmTimer),
@@ -396,20 +384,12 @@ impl PmTimer {
     pub fn read(&self) -> u32 {
         // SAFETY: the FADT names this port as the PM timer, a read-only counter; reading it has no side effects.
         let raw = unsafe { Port::<u32>::new(self.port).read() };
-        if self.bits == 32 {
-            raw
-        } else {
-            raw & 0x00FF_FFFF
-        }
+        if self.bits == 32 { raw } else { raw & 0x00FF_FFFF }
     }
 
     /// Ticks from `earlier` to `later`, across at most one wrap.
     pub fn elapsed(&self, earlier: u32, later: u32) -> u32 {
-        let mask = if self.bits == 32 {
-            u32::MAX
-        } else {
-            0x00FF_FFFF
-        };
+        let mask = if self.bits == 32 { u32::MAX } else { 0x00FF_FFFF };
         later.wrapping_sub(earlier) & mask
     }
 }

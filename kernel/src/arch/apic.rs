@@ -81,11 +81,7 @@ impl core::fmt::Display for Mode {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Mode::X2Apic => f.write_str("x2APIC mode"),
-            Mode::XApic(base) => write!(
-                f,
-                "xAPIC mode, registers mapped uncached at {:#x}",
-                base.as_u64()
-            ),
+            Mode::XApic(base) => write!(f, "xAPIC mode, registers mapped uncached at {:#x}", base.as_u64()),
         }
     }
 }
@@ -160,15 +156,9 @@ fn read(mode: Mode, offset: u32) -> u32 {
 fn write(mode: Mode, offset: u32, value: u32) {
     match mode {
         // SAFETY: as in `read`; the callers write only values the SDM allows for each register.
-        Mode::X2Apic => unsafe {
-            Msr::new(X2APIC_MSR_BASE + (offset >> 4)).write(u64::from(value))
-        },
+        Mode::X2Apic => unsafe { Msr::new(X2APIC_MSR_BASE + (offset >> 4)).write(u64::from(value)) },
         // SAFETY: as in `read`, a 32-bit volatile store to a register of the mapped page.
-        Mode::XApic(base) => unsafe {
-            (base + u64::from(offset))
-                .as_mut_ptr::<u32>()
-                .write_volatile(value)
-        },
+        Mode::XApic(base) => unsafe { (base + u64::from(offset)).as_mut_ptr::<u32>().write_volatile(value) },
     }
 }
 
@@ -211,11 +201,7 @@ pub fn init() -> Result<Mode, ApicError> {
         log::warn!("apic: error vector: {e}");
     }
     write(mode, reg::LVT_ERROR, u32::from(ERROR_VECTOR));
-    write(
-        mode,
-        reg::SPURIOUS,
-        SPURIOUS_APIC_ENABLE | u32::from(SPURIOUS_VECTOR),
-    );
+    write(mode, reg::SPURIOUS, SPURIOUS_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
     // Acknowledge anything firmware left in service.
     write(mode, reg::EOI, 0);
     Ok(mode)
@@ -282,11 +268,7 @@ pub fn send_self_ipi(vector: u8) -> Result<(), TimerError> {
         Mode::X2Apic => unsafe { Msr::new(X2APIC_SELF_IPI).write(u64::from(vector)) },
         mode @ Mode::XApic(_) => {
             // The destination field (ICR high) is ignored with the "self" shorthand.
-            write(
-                mode,
-                reg::INTERRUPT_COMMAND_LOW,
-                ICR_SHORTHAND_SELF | ICR_ASSERT | u32::from(vector),
-            );
+            write(mode, reg::INTERRUPT_COMMAND_LOW, ICR_SHORTHAND_SELF | ICR_ASSERT | u32::from(vector));
             for _ in 0..1_000_000 {
                 if read(mode, reg::INTERRUPT_COMMAND_LOW) & ICR_SEND_PENDING == 0 {
                     break;
@@ -319,16 +301,9 @@ pub fn start_timer(mode: TimerMode, vector: u8, interval: Duration) -> Result<()
     if hz == 0 {
         return Err(TimerError::NotCalibrated);
     }
-    let ticks = (interval.as_nanos() * u128::from(hz))
-        .div_ceil(1_000_000_000)
-        .max(1);
+    let ticks = (interval.as_nanos() * u128::from(hz)).div_ceil(1_000_000_000).max(1);
     let ticks = u32::try_from(ticks).map_err(|_| TimerError::TooLong)?;
-    let lvt = u32::from(vector)
-        | if mode == TimerMode::Periodic {
-            LVT_TIMER_PERIODIC
-        } else {
-            0
-        };
+    let lvt = u32::from(vector) | if mode == TimerMode::Periodic { LVT_TIMER_PERIODIC } else { 0 };
     // Order per the SDM: LVT (mode, vector) first, then the initial count, which starts the countdown.
     write(apic, reg::LVT_TIMER, lvt);
     write(apic, reg::TIMER_INITIAL_COUNT, ticks);
@@ -363,36 +338,18 @@ use alloc::format;
 
 /// In-kernel tests of the local APIC: self-IPIs and the timer.
 pub const KTESTS: &[KTest] = &[
-    KTest {
-        name: "arch::apic::is_enabled",
-        run: is_enabled,
-    },
-    KTest {
-        name: "arch::apic::self_ipi_runs_registered_handler",
-        run: self_ipi_runs_registered_handler,
-    },
-    KTest {
-        name: "arch::apic::self_ipi_waits_for_interrupts_enabled",
-        run: self_ipi_waits_for_interrupts_enabled,
-    },
-    KTest {
-        name: "arch::apic::timer_one_shot_fires_once",
-        run: timer_one_shot_fires_once,
-    },
-    KTest {
-        name: "arch::apic::timer_periodic_tick_count",
-        run: timer_periodic_tick_count,
-    },
+    KTest { name: "arch::apic::is_enabled", run: is_enabled },
+    KTest { name: "arch::apic::self_ipi_runs_registered_handler", run: self_ipi_runs_registered_handler },
+    KTest { name: "arch::apic::self_ipi_waits_for_interrupts_enabled", run: self_ipi_waits_for_interrupts_enabled },
+    KTest { name: "arch::apic::timer_one_shot_fires_once", run: timer_one_shot_fires_once },
+    KTest { name: "arch::apic::timer_periodic_tick_count", run: timer_periodic_tick_count },
 ];
 
 fn is_enabled() -> TestResult {
     let apic = mode().ok_or("APIC not initialised")?;
     kassert_eq!(apic == Mode::X2Apic, x2apic_supported());
     let spurious = read(apic, reg::SPURIOUS);
-    kassert!(
-        spurious & SPURIOUS_APIC_ENABLE != 0,
-        "APIC software-disabled: {spurious:#x}"
-    );
+    kassert!(spurious & SPURIOUS_APIC_ENABLE != 0, "APIC software-disabled: {spurious:#x}");
     kassert_eq!(spurious & 0xFF, u32::from(SPURIOUS_VECTOR));
     kassert_eq!(read(apic, reg::TIMER_DIVIDE) & 0b1011, TIMER_DIVIDE_BY_16);
     kassert!(timer_tick_hz() > 0, "timer not calibrated");
@@ -423,15 +380,10 @@ fn self_ipi_runs_registered_handler() -> TestResult {
     interrupts::register(TEST_IPI_VECTOR, count_ipi).map_err(|e| format!("register: {e}"))?;
     let before = IPI_HITS.load(Ordering::Relaxed);
     let sent = send_self_ipi(TEST_IPI_VECTOR);
-    let arrived = wait_until(Duration::from_millis(100), || {
-        IPI_HITS.load(Ordering::Relaxed) > before
-    });
+    let arrived = wait_until(Duration::from_millis(100), || IPI_HITS.load(Ordering::Relaxed) > before);
     interrupts::unregister(TEST_IPI_VECTOR);
     kassert_eq!(sent, Ok(()));
-    kassert!(
-        arrived,
-        "self-IPI on {TEST_IPI_VECTOR:#x} did not arrive within 100 ms"
-    );
+    kassert!(arrived, "self-IPI on {TEST_IPI_VECTOR:#x} did not arrive within 100 ms");
     kassert_eq!(IPI_HITS.load(Ordering::Relaxed), before + 1);
     kassert!(!in_service(TEST_IPI_VECTOR), "the IPI was not acknowledged");
     Ok(())
@@ -445,15 +397,10 @@ fn self_ipi_waits_for_interrupts_enabled() -> TestResult {
         crate::time::sleep(Duration::from_millis(5));
         (sent, IPI_HITS.load(Ordering::Relaxed))
     });
-    let arrived = wait_until(Duration::from_millis(100), || {
-        IPI_HITS.load(Ordering::Relaxed) > before
-    });
+    let arrived = wait_until(Duration::from_millis(100), || IPI_HITS.load(Ordering::Relaxed) > before);
     interrupts::unregister(TEST_IPI_VECTOR);
     kassert_eq!(while_disabled, (Ok(()), before));
-    kassert!(
-        arrived,
-        "the pending IPI was not delivered once interrupts were enabled"
-    );
+    kassert!(arrived, "the pending IPI was not delivered once interrupts were enabled");
     Ok(())
 }
 
@@ -472,9 +419,7 @@ fn timer_one_shot_fires_once() -> TestResult {
     let interval = Duration::from_millis(20);
     let start = crate::time::now();
     let started = start_timer(TimerMode::OneShot, TEST_TIMER_VECTOR, interval);
-    let fired = wait_until(Duration::from_secs(1), || {
-        TIMER_HITS.load(Ordering::Relaxed) > 0
-    });
+    let fired = wait_until(Duration::from_secs(1), || TIMER_HITS.load(Ordering::Relaxed) > 0);
     // A one-shot timer must stay quiet afterwards.
     crate::time::sleep(Duration::from_millis(60));
     stop_timer();
@@ -484,21 +429,14 @@ fn timer_one_shot_fires_once() -> TestResult {
     kassert_eq!(TIMER_HITS.load(Ordering::Relaxed), 1);
     let after_ms = TIMER_LAST_NS.load(Ordering::Relaxed).saturating_sub(start) / 1_000_000;
     // TCG timing is noisy: accept half the interval up to the interval plus a quarter second of host delay.
-    kassert!(
-        (10..=270).contains(&after_ms),
-        "a 20 ms one-shot fired after {after_ms} ms"
-    );
+    kassert!((10..=270).contains(&after_ms), "a 20 ms one-shot fired after {after_ms} ms");
     Ok(())
 }
 
 fn timer_periodic_tick_count() -> TestResult {
     interrupts::register(TEST_TIMER_VECTOR, count_timer).map_err(|e| format!("register: {e}"))?;
     TIMER_HITS.store(0, Ordering::Relaxed);
-    let started = start_timer(
-        TimerMode::Periodic,
-        TEST_TIMER_VECTOR,
-        Duration::from_millis(10),
-    );
+    let started = start_timer(TimerMode::Periodic, TEST_TIMER_VECTOR, Duration::from_millis(10));
     let start = crate::time::now();
     crate::time::sleep(Duration::from_millis(300));
     let ticks = TIMER_HITS.load(Ordering::Relaxed);
@@ -513,10 +451,7 @@ fn timer_periodic_tick_count() -> TestResult {
         ticks * 2 >= expected && ticks <= expected * 3 / 2 + 1,
         "{ticks} ticks of a 10 ms periodic timer in {elapsed_ms} ms (expected about {expected})"
     );
-    kassert!(
-        after_stop <= ticks + 1,
-        "the timer kept firing after stop: {ticks} then {after_stop}"
-    );
+    kassert!(after_stop <= ticks + 1, "the timer kept firing after stop: {ticks} then {after_stop}");
     log::info!("apic timer: {ticks} periodic ticks of 10 ms in {elapsed_ms} ms");
     Ok(())
 }

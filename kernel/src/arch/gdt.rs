@@ -51,8 +51,7 @@ fn stack_top(stack: *const IstStack) -> VirtAddr {
 pub fn init() {
     let tss = TSS.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        tss.interrupt_stack_table[DOUBLE_FAULT_IST_INDEX as usize] =
-            stack_top(&raw const DOUBLE_FAULT_STACK);
+        tss.interrupt_stack_table[DOUBLE_FAULT_IST_INDEX as usize] = stack_top(&raw const DOUBLE_FAULT_STACK);
         tss.interrupt_stack_table[NMI_IST_INDEX as usize] = stack_top(&raw const NMI_STACK);
         tss
     });
@@ -80,28 +79,18 @@ use crate::kassert_eq;
 use crate::ktest::{KTest, TestResult};
 
 /// In-kernel tests of the GDT and TSS.
-pub const KTESTS: &[KTest] = &[KTest {
-    name: "arch::gdt::tables_are_loaded",
-    run: tables_are_loaded,
-}];
+pub const KTESTS: &[KTest] = &[KTest { name: "arch::gdt::tables_are_loaded", run: tables_are_loaded }];
 
 fn tables_are_loaded() -> TestResult {
-    let (gdt, selectors) = GDT
-        .get()
-        .ok_or_else(|| alloc::string::String::from("GDT not initialised"))?;
+    let (gdt, selectors) = GDT.get().ok_or_else(|| alloc::string::String::from("GDT not initialised"))?;
     // Copies out of the packed descriptor-table structures before comparing.
     let loaded_base = { x86_64::instructions::tables::sgdt().base };
     kassert_eq!(loaded_base, VirtAddr::from_ptr(gdt));
     kassert_eq!(CS::get_reg(), selectors.code);
     kassert_eq!(SS::get_reg(), selectors.data);
-    let tss = TSS
-        .get()
-        .ok_or_else(|| alloc::string::String::from("TSS not initialised"))?;
+    let tss = TSS.get().ok_or_else(|| alloc::string::String::from("TSS not initialised"))?;
     let ist = { tss.interrupt_stack_table };
-    kassert_eq!(
-        ist[DOUBLE_FAULT_IST_INDEX as usize],
-        stack_top(&raw const DOUBLE_FAULT_STACK)
-    );
+    kassert_eq!(ist[DOUBLE_FAULT_IST_INDEX as usize], stack_top(&raw const DOUBLE_FAULT_STACK));
     kassert_eq!(ist[NMI_IST_INDEX as usize], stack_top(&raw const NMI_STACK));
     kassert_eq!(ist[NMI_IST_INDEX as usize].as_u64() % 16, 0);
     Ok(())

@@ -143,42 +143,28 @@ pub fn init() {
         idt.divide_error.set_handler_fn(divide_error);
         idt.debug.set_handler_fn(debug);
         // SAFETY: `gdt::init` put a dedicated stack into this IST slot; nothing else uses it.
-        unsafe {
-            idt.non_maskable_interrupt
-                .set_handler_fn(nmi)
-                .set_stack_index(gdt::NMI_IST_INDEX)
-        };
+        unsafe { idt.non_maskable_interrupt.set_handler_fn(nmi).set_stack_index(gdt::NMI_IST_INDEX) };
         idt.breakpoint.set_handler_fn(breakpoint);
         idt.overflow.set_handler_fn(overflow);
-        idt.bound_range_exceeded
-            .set_handler_fn(bound_range_exceeded);
+        idt.bound_range_exceeded.set_handler_fn(bound_range_exceeded);
         idt.invalid_opcode.set_handler_fn(invalid_opcode);
-        idt.device_not_available
-            .set_handler_fn(device_not_available);
+        idt.device_not_available.set_handler_fn(device_not_available);
         // SAFETY: as for the NMI: a dedicated IST stack, used by this handler only.
-        unsafe {
-            idt.double_fault
-                .set_handler_fn(double_fault)
-                .set_stack_index(gdt::DOUBLE_FAULT_IST_INDEX)
-        };
+        unsafe { idt.double_fault.set_handler_fn(double_fault).set_stack_index(gdt::DOUBLE_FAULT_IST_INDEX) };
         idt[9].set_handler_fn(coprocessor_segment_overrun);
         idt.invalid_tss.set_handler_fn(invalid_tss);
         idt.segment_not_present.set_handler_fn(segment_not_present);
         idt.stack_segment_fault.set_handler_fn(stack_segment_fault);
-        idt.general_protection_fault
-            .set_handler_fn(general_protection_fault);
+        idt.general_protection_fault.set_handler_fn(general_protection_fault);
         idt.page_fault.set_handler_fn(page_fault);
         idt.x87_floating_point.set_handler_fn(x87_floating_point);
         idt.alignment_check.set_handler_fn(alignment_check);
         idt.machine_check.set_handler_fn(machine_check);
         idt.simd_floating_point.set_handler_fn(simd_floating_point);
         idt.virtualization.set_handler_fn(virtualization);
-        idt.cp_protection_exception
-            .set_handler_fn(control_protection);
-        idt.hv_injection_exception
-            .set_handler_fn(hypervisor_injection);
-        idt.vmm_communication_exception
-            .set_handler_fn(vmm_communication);
+        idt.cp_protection_exception.set_handler_fn(control_protection);
+        idt.hv_injection_exception.set_handler_fn(hypervisor_injection);
+        idt.vmm_communication_exception.set_handler_fn(vmm_communication);
         idt.security_exception.set_handler_fn(security_exception);
         install_device_row!(idt, 2);
         install_device_row!(idt, 3);
@@ -242,16 +228,12 @@ enum Detail {
 fn report_exception(vector: u8, detail: Detail, frame: &InterruptStackFrame) -> ! {
     if REPORTING.swap(true, Ordering::AcqRel) {
         // A fault while reporting a fault: say so on serial only (the framebuffer may be what faulted) and stop.
-        crate::console::serial::write_str_emergency(
-            "\nCPU EXCEPTION while reporting an exception\n",
-        );
+        crate::console::serial::write_str_emergency("\nCPU EXCEPTION while reporting an exception\n");
         exit(ExitCode::Failure);
     }
     let (mnemonic, name) = exception_name(vector);
     let emergency = crate::console::write_fmt_emergency;
-    emergency(format_args!(
-        "\nCPU EXCEPTION: vector {vector} {mnemonic} {name}\n"
-    ));
+    emergency(format_args!("\nCPU EXCEPTION: vector {vector} {mnemonic} {name}\n"));
     match detail {
         Detail::None => emergency(format_args!("  error code: none\n")),
         Detail::ErrorCode(code) => emergency(format_args!("  error code: {code:#x}\n")),
@@ -266,10 +248,7 @@ fn report_exception(vector: u8, detail: Detail, frame: &InterruptStackFrame) -> 
             emergency(format_args!(")\n"));
         }
     }
-    emergency(format_args!(
-        "  RIP: {:#018x}\n",
-        frame.instruction_pointer.as_u64()
-    ));
+    emergency(format_args!("  RIP: {:#018x}\n", frame.instruction_pointer.as_u64()));
     if matches!(detail, Detail::PageFault(_)) {
         emergency(format_args!("  CR2: {:#018x}\n", Cr2::read_raw()));
     }
@@ -348,26 +327,14 @@ use crate::{kassert, kassert_eq};
 
 /// In-kernel tests of exceptions and device-vector dispatch.
 pub const KTESTS: &[KTest] = &[
-    KTest {
-        name: "arch::interrupts::breakpoint_returns",
-        run: breakpoint_returns,
-    },
+    KTest { name: "arch::interrupts::breakpoint_returns", run: breakpoint_returns },
     KTest {
         name: "arch::interrupts::software_interrupt_runs_registered_handler",
         run: software_interrupt_runs_handler,
     },
-    KTest {
-        name: "arch::interrupts::register_refuses_bad_vectors",
-        run: register_refuses_bad_vectors,
-    },
-    KTest {
-        name: "arch::interrupts::spurious_vector_is_counted",
-        run: spurious_vector_is_counted,
-    },
-    KTest {
-        name: "arch::interrupts::unregistered_vector_is_counted",
-        run: unregistered_vector_is_counted,
-    },
+    KTest { name: "arch::interrupts::register_refuses_bad_vectors", run: register_refuses_bad_vectors },
+    KTest { name: "arch::interrupts::spurious_vector_is_counted", run: spurious_vector_is_counted },
+    KTest { name: "arch::interrupts::unregistered_vector_is_counted", run: unregistered_vector_is_counted },
 ];
 
 fn breakpoint_returns() -> TestResult {
@@ -387,8 +354,7 @@ fn count_software_hit() {
 }
 
 fn software_interrupt_runs_handler() -> TestResult {
-    register(TEST_SOFTWARE_VECTOR, count_software_hit)
-        .map_err(|e| alloc::format!("register: {e}"))?;
+    register(TEST_SOFTWARE_VECTOR, count_software_hit).map_err(|e| alloc::format!("register: {e}"))?;
     let before = SOFTWARE_HITS.load(Ordering::Relaxed);
     // SAFETY: the vector is a device vector whose stub and handler were just installed; `int` to it runs the
     // handler and returns like a call.
@@ -402,19 +368,10 @@ fn software_interrupt_runs_handler() -> TestResult {
 fn nothing() {}
 
 fn register_refuses_bad_vectors() -> TestResult {
-    kassert_eq!(
-        register(14, nothing),
-        Err(RegisterError::ExceptionVector(14))
-    );
-    kassert_eq!(
-        register(SPURIOUS_VECTOR, nothing),
-        Err(RegisterError::SpuriousVector)
-    );
+    kassert_eq!(register(14, nothing), Err(RegisterError::ExceptionVector(14)));
+    kassert_eq!(register(SPURIOUS_VECTOR, nothing), Err(RegisterError::SpuriousVector));
     kassert_eq!(register(0x42, nothing), Ok(()));
-    kassert_eq!(
-        register(0x42, count_software_hit),
-        Err(RegisterError::AlreadyRegistered(0x42))
-    );
+    kassert_eq!(register(0x42, count_software_hit), Err(RegisterError::AlreadyRegistered(0x42)));
     kassert!(unregister(0x42));
     kassert!(!unregister(0x42));
     Ok(())
@@ -429,10 +386,7 @@ fn spurious_vector_is_counted() -> TestResult {
 }
 
 fn unregistered_vector_is_counted() -> TestResult {
-    kassert!(
-        HANDLERS[0x43].load(Ordering::Relaxed) == 0,
-        "vector 0x43 is in use"
-    );
+    kassert!(HANDLERS[0x43].load(Ordering::Relaxed) == 0, "vector 0x43 is in use");
     let before = unhandled_count();
     // SAFETY: vector 0x43 has the stub that counts an interrupt without a handler and returns.
     unsafe { core::arch::asm!("int 0x43") };

@@ -6,9 +6,7 @@
 //! bottom everything moves up one line.
 
 use bootloader_api::info::{FrameBuffer, FrameBufferInfo, PixelFormat};
-use noto_sans_mono_bitmap::{
-    FontWeight, RasterHeight, RasterizedChar, get_raster, get_raster_width,
-};
+use noto_sans_mono_bitmap::{FontWeight, RasterHeight, RasterizedChar, get_raster, get_raster_width};
 use spin::Mutex;
 
 const WEIGHT: FontWeight = FontWeight::Regular;
@@ -54,14 +52,7 @@ impl<'a> TextConsole<'a> {
         if columns == 0 || rows == 0 {
             return None;
         }
-        Some(TextConsole {
-            buffer,
-            info,
-            columns,
-            rows,
-            column: 0,
-            row: 0,
-        })
+        Some(TextConsole { buffer, info, columns, rows, column: 0, row: 0 })
     }
 
     /// Columns and rows of text.
@@ -156,17 +147,9 @@ impl<'a> TextConsole<'a> {
             return;
         };
         match format {
-            PixelFormat::Unknown {
-                red_position,
-                green_position,
-                blue_position,
-            } => {
+            PixelFormat::Unknown { red_position, green_position, blue_position } => {
                 let shift = |position: u8| {
-                    if position < 25 {
-                        u32::from(intensity) << position
-                    } else {
-                        0
-                    }
+                    if position < 25 { u32::from(intensity) << position } else { 0 }
                 };
                 let value = shift(red_position) | shift(green_position) | shift(blue_position);
                 let bytes = value.to_le_bytes();
@@ -238,18 +221,9 @@ use alloc::vec;
 
 /// In-kernel tests of the framebuffer console.
 pub const KTESTS: &[KTest] = &[
-    KTest {
-        name: "console::framebuffer::screen_shows_glyphs",
-        run: screen_shows_glyphs,
-    },
-    KTest {
-        name: "console::framebuffer::wraps_and_scrolls",
-        run: wraps_and_scrolls,
-    },
-    KTest {
-        name: "console::framebuffer::rejects_bad_layouts",
-        run: rejects_bad_layouts,
-    },
+    KTest { name: "console::framebuffer::screen_shows_glyphs", run: screen_shows_glyphs },
+    KTest { name: "console::framebuffer::wraps_and_scrolls", run: wraps_and_scrolls },
+    KTest { name: "console::framebuffer::rejects_bad_layouts", run: rejects_bad_layouts },
 ];
 
 /// Whether cell (`column`, `row`) shows exactly `c`'s glyph.
@@ -257,8 +231,7 @@ fn cell_shows(console: &TextConsole<'_>, column: usize, row: usize, c: char) -> 
     let raster = glyph(c);
     raster.raster().iter().enumerate().all(|(dy, line)| {
         line.iter().enumerate().all(|(dx, &intensity)| {
-            console.pixel_intensity(column * CELL_WIDTH + dx, row * CELL_HEIGHT + dy)
-                == Some(intensity)
+            console.pixel_intensity(column * CELL_WIDTH + dx, row * CELL_HEIGHT + dy) == Some(intensity)
         })
     })
 }
@@ -272,10 +245,7 @@ fn screen_shows_glyphs() -> TestResult {
         let lit = (0..CELL_HEIGHT)
             .flat_map(|dy| (0..CELL_WIDTH).map(move |dx| (dx, dy)))
             .filter(|&(dx, dy)| {
-                console
-                    .pixel_intensity(column * CELL_WIDTH + dx, row * CELL_HEIGHT + dy)
-                    .unwrap_or(0)
-                    > 0
+                console.pixel_intensity(column * CELL_WIDTH + dx, row * CELL_HEIGHT + dy).unwrap_or(0) > 0
             })
             .count();
         console.draw_char_at(column, row, ' ');
@@ -303,29 +273,14 @@ fn wraps_and_scrolls() -> TestResult {
     let mut console = TextConsole::new(&mut memory, info).ok_or("layout refused")?;
     kassert_eq!(console.size(), (10, 3));
     console.write_str("abcdefghijK");
-    kassert!(
-        cell_shows(&console, 9, 0, 'j') && cell_shows(&console, 0, 1, 'K'),
-        "no wrap after ten columns"
-    );
+    kassert!(cell_shows(&console, 9, 0, 'j') && cell_shows(&console, 0, 1, 'K'), "no wrap after ten columns");
     console.write_str("\n\tq");
-    kassert!(
-        cell_shows(&console, 8, 2, 'q') && cell_shows(&console, 7, 2, ' '),
-        "tab did not reach column 8"
-    );
+    kassert!(cell_shows(&console, 8, 2, 'q') && cell_shows(&console, 7, 2, ' '), "tab did not reach column 8");
     kassert_eq!(console.cursor(), (9, 2));
     console.write_str("\nZ");
-    kassert!(
-        cell_shows(&console, 0, 0, 'K'),
-        "row 1 did not move up to row 0"
-    );
-    kassert!(
-        cell_shows(&console, 8, 1, 'q'),
-        "row 2 did not move up to row 1"
-    );
-    kassert!(
-        cell_shows(&console, 0, 2, 'Z') && cell_shows(&console, 1, 2, ' '),
-        "the new last line is wrong"
-    );
+    kassert!(cell_shows(&console, 0, 0, 'K'), "row 1 did not move up to row 0");
+    kassert!(cell_shows(&console, 8, 1, 'q'), "row 2 did not move up to row 1");
+    kassert!(cell_shows(&console, 0, 2, 'Z') && cell_shows(&console, 1, 2, ' '), "the new last line is wrong");
     kassert_eq!(console.cursor(), (1, 2));
     Ok(())
 }
@@ -341,33 +296,9 @@ fn rejects_bad_layouts() -> TestResult {
     };
     let mut memory = vec![0u8; 64 * 32 * 4];
     kassert!(TextConsole::new(&mut memory, good).is_some());
-    kassert!(
-        TextConsole::new(&mut memory[..64 * 32 * 4 - 1], good).is_none(),
-        "short buffer accepted"
-    );
-    kassert!(
-        TextConsole::new(&mut memory, FrameBufferInfo { stride: 63, ..good }).is_none(),
-        "stride < width"
-    );
-    kassert!(
-        TextConsole::new(
-            &mut memory,
-            FrameBufferInfo {
-                bytes_per_pixel: 5,
-                ..good
-            }
-        )
-        .is_none()
-    );
-    kassert!(
-        TextConsole::new(
-            &mut memory,
-            FrameBufferInfo {
-                width: CELL_WIDTH - 1,
-                ..good
-            }
-        )
-        .is_none()
-    );
+    kassert!(TextConsole::new(&mut memory[..64 * 32 * 4 - 1], good).is_none(), "short buffer accepted");
+    kassert!(TextConsole::new(&mut memory, FrameBufferInfo { stride: 63, ..good }).is_none(), "stride < width");
+    kassert!(TextConsole::new(&mut memory, FrameBufferInfo { bytes_per_pixel: 5, ..good }).is_none());
+    kassert!(TextConsole::new(&mut memory, FrameBufferInfo { width: CELL_WIDTH - 1, ..good }).is_none());
     Ok(())
 }

@@ -38,11 +38,7 @@ impl fmt::Display for ScreenStatus {
             ScreenStatus::Unusable(info) => {
                 write!(f, "framebuffer with an unusable layout: {info:?}")
             }
-            ScreenStatus::Ready {
-                info,
-                columns,
-                rows,
-            } => write!(
+            ScreenStatus::Ready { info, columns, rows } => write!(
                 f,
                 "framebuffer {}x{} {:?}, {} bytes/pixel, stride {}: {columns}x{rows} text",
                 info.width, info.height, info.pixel_format, info.bytes_per_pixel, info.stride
@@ -59,11 +55,7 @@ pub fn init_framebuffer(framebuffer: Option<bootloader_api::info::FrameBuffer>) 
     };
     let info = framebuffer.info();
     match framebuffer::init(framebuffer) {
-        Some((columns, rows)) => ScreenStatus::Ready {
-            info,
-            columns,
-            rows,
-        },
+        Some((columns, rows)) => ScreenStatus::Ready { info, columns, rows },
         None => ScreenStatus::Unusable(info),
     }
 }

@@ -16,8 +16,7 @@ use x86_64::registers::control::Cr3;
 use x86_64::registers::model_specific::{Efer, EferFlags};
 use x86_64::structures::paging::mapper::{MapToError, TranslateResult, UnmapError};
 use x86_64::structures::paging::{
-    Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PageTableIndex, PhysFrame, Size4KiB,
-    Translate,
+    Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PageTableIndex, PhysFrame, Size4KiB, Translate,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -70,19 +69,12 @@ pub fn init(phys_offset: u64) -> Result<(), PagingError> {
     // SAFETY: CR3 names the active level-4 table, which the bootloader allocated and nothing else refers to as a
     // Rust reference; all physical memory is mapped at `phys_offset`, as `OffsetPageTable` requires. The table is
     // only reached through `MAPPER`'s lock from now on.
-    let mapper = unsafe {
-        OffsetPageTable::new(
-            &mut *level4_virt.as_mut_ptr::<PageTable>(),
-            VirtAddr::new(phys_offset),
-        )
-    };
+    let mapper =
+        unsafe { OffsetPageTable::new(&mut *level4_virt.as_mut_ptr::<PageTable>(), VirtAddr::new(phys_offset)) };
     let table = mapper.level_4_table();
     // Prefer the higher half; any empty slot other than 0 will do.
-    let slot = (256..512)
-        .rev()
-        .chain((1..256).rev())
-        .find(|&i| table[i].is_unused())
-        .ok_or(PagingError::WindowExhausted)?;
+    let slot =
+        (256..512).rev().chain((1..256).rev()).find(|&i| table[i].is_unused()).ok_or(PagingError::WindowExhausted)?;
     let start = Page::<Size4KiB>::from_page_table_indices(
         PageTableIndex::new(slot as u16),
         PageTableIndex::new(0),
@@ -121,11 +113,7 @@ fn reserve_virtual(pages: u64) -> Result<VirtAddr, PagingError> {
 }
 
 /// Maps `pages` frames starting at `first` to fresh virtual space with `flags`; returns the first page's address.
-fn map_frames(
-    first: PhysFrame,
-    pages: u64,
-    flags: PageTableFlags,
-) -> Result<VirtAddr, PagingError> {
+fn map_frames(first: PhysFrame, pages: u64, flags: PageTableFlags) -> Result<VirtAddr, PagingError> {
     let virt = reserve_virtual(pages)?;
     let mut guard = MAPPER.lock();
     let mapper = guard.as_mut().ok_or(PagingError::NotInitialised)?;
@@ -137,15 +125,8 @@ fn map_frames(
         // SAFETY: `page` lies in the window reserved for this module and was just handed out, so no other mapping
         // or Rust reference covers it; the frame is what the caller asked for (device memory or a frame it owns),
         // and the caller receives the address only after the mapping exists.
-        let result = unsafe {
-            mapper.map_to_with_table_flags(
-                page,
-                frame,
-                flags,
-                table_flags,
-                &mut GlobalFrameAllocator,
-            )
-        };
+        let result =
+            unsafe { mapper.map_to_with_table_flags(page, frame, flags, table_flags, &mut GlobalFrameAllocator) };
         match result {
             Ok(flush) => flush.flush(),
             Err(MapToError::FrameAllocationFailed) => return Err(PagingError::OutOfFrames),
@@ -163,10 +144,7 @@ pub fn map_mmio(phys: PhysAddr, len: u64) -> Result<VirtAddr, PagingError> {
     if len == 0 {
         return Err(PagingError::BadRange);
     }
-    let end = phys
-        .as_u64()
-        .checked_add(len)
-        .ok_or(PagingError::BadRange)?;
+    let end = phys.as_u64().checked_add(len).ok_or(PagingError::BadRange)?;
     let first = PhysFrame::<Size4KiB>::containing_address(phys);
     let pages = (end - first.start_address().as_u64()).div_ceil(FRAME_SIZE);
     let flags = PageTableFlags::PRESENT
@@ -197,11 +175,7 @@ pub fn write_protect_physical_alias(frame: PhysFrame) -> Result<PageTableFlags, 
     let huge = PageTableFlags::HUGE_PAGE;
     let mut table: &mut PageTable = mapper.level_4_table_mut();
     // Level 4 → 3 → 2 → 1: index and size of the region one entry of the table maps.
-    let levels = [
-        (page.p4_index(), 1u64 << 39),
-        (page.p3_index(), 1 << 30),
-        (page.p2_index(), 1 << 21),
-    ];
+    let levels = [(page.p4_index(), 1u64 << 39), (page.p3_index(), 1 << 30), (page.p2_index(), 1 << 21)];
     for (level, (index, entry_span)) in levels.into_iter().enumerate() {
         let entry = &mut table[index];
         if !entry.flags().contains(PageTableFlags::PRESENT) {
@@ -267,11 +241,7 @@ pub fn unmap(virt: VirtAddr, len: u64) -> Result<(), PagingError> {
     for page in Page::range_inclusive(first, last) {
         match mapper.unmap(page) {
             Ok((_, flush)) => flush.flush(),
-            Err(
-                UnmapError::PageNotMapped
-                | UnmapError::ParentEntryHugePage
-                | UnmapError::InvalidFrameAddress(_),
-            ) => {
+            Err(UnmapError::PageNotMapped | UnmapError::ParentEntryHugePage | UnmapError::InvalidFrameAddress(_)) => {
                 return Err(PagingError::NotMapped);
             }
         }
@@ -283,11 +253,7 @@ pub fn unmap(virt: VirtAddr, len: u64) -> Result<(), PagingError> {
 pub fn translate(virt: VirtAddr) -> Option<(PhysAddr, PageTableFlags)> {
     let guard = MAPPER.lock();
     match guard.as_ref()?.translate(virt) {
-        TranslateResult::Mapped {
-            frame,
-            offset,
-            flags,
-        } => Some((frame.start_address() + offset, flags)),
+        TranslateResult::Mapped { frame, offset, flags } => Some((frame.start_address() + offset, flags)),
         TranslateResult::NotMapped | TranslateResult::InvalidFrameAddress(_) => None,
     }
 }
@@ -295,9 +261,7 @@ pub fn translate(virt: VirtAddr) -> Option<(PhysAddr, PageTableFlags)> {
 /// An address inside the kernel's mapping window that is never mapped (the window's last page, which the bump
 /// allocator never hands out): a deliberate fault target.
 pub fn never_mapped_address() -> Option<VirtAddr> {
-    WINDOW_START
-        .get()
-        .map(|&start| VirtAddr::new(start + (LEVEL4_SPAN - FRAME_SIZE)))
+    WINDOW_START.get().map(|&start| VirtAddr::new(start + (LEVEL4_SPAN - FRAME_SIZE)))
 }
 
 use crate::ktest::{KTest, TestResult};
@@ -306,22 +270,10 @@ use alloc::format;
 
 /// In-kernel tests of the paging helpers.
 pub const KTESTS: &[KTest] = &[
-    KTest {
-        name: "mm::paging::mmio_mapping_is_uncached",
-        run: mmio_mapping_is_uncached,
-    },
-    KTest {
-        name: "mm::paging::executable_readonly_mapping_runs",
-        run: executable_readonly_mapping_runs,
-    },
-    KTest {
-        name: "mm::paging::bad_requests_are_refused",
-        run: bad_requests_are_refused,
-    },
-    KTest {
-        name: "mm::paging::physical_alias_write_protected_alone",
-        run: physical_alias_write_protected_alone,
-    },
+    KTest { name: "mm::paging::mmio_mapping_is_uncached", run: mmio_mapping_is_uncached },
+    KTest { name: "mm::paging::executable_readonly_mapping_runs", run: executable_readonly_mapping_runs },
+    KTest { name: "mm::paging::bad_requests_are_refused", run: bad_requests_are_refused },
+    KTest { name: "mm::paging::physical_alias_write_protected_alone", run: physical_alias_write_protected_alone },
 ];
 
 fn physical_alias_write_protected_alone() -> TestResult {
@@ -360,27 +312,15 @@ fn mmio_mapping_is_uncached() -> TestResult {
     kassert_eq!(virt.as_u64() & 0xFFF, 0x10);
     let (phys, flags) = translate(virt).ok_or("the new mapping does not translate")?;
     kassert_eq!(phys, frame + 0x10);
-    let wanted = PageTableFlags::PRESENT
-        | PageTableFlags::WRITABLE
-        | PageTableFlags::NO_CACHE
-        | PageTableFlags::WRITE_THROUGH;
+    let wanted =
+        PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_CACHE | PageTableFlags::WRITE_THROUGH;
     kassert!(flags.contains(wanted), "flags {flags:?} lack {wanted:?}");
-    kassert_eq!(
-        flags.contains(PageTableFlags::NO_EXECUTE),
-        !no_execute().is_empty()
-    );
+    kassert_eq!(flags.contains(PageTableFlags::NO_EXECUTE), !no_execute().is_empty());
     // SAFETY: `virt` maps 8 bytes of the frame this test owns; the window mapping of the same frame is read only
     // after the uncached write has completed.
-    unsafe {
-        virt.as_mut_ptr::<u64>()
-            .write_volatile(0x1122_3344_5566_7788)
-    };
+    unsafe { virt.as_mut_ptr::<u64>().write_volatile(0x1122_3344_5566_7788) };
     // SAFETY: the same owned frame through the physical-memory window.
-    let through_window = unsafe {
-        super::phys_to_virt(frame + 0x10)
-            .as_ptr::<u64>()
-            .read_volatile()
-    };
+    let through_window = unsafe { super::phys_to_virt(frame + 0x10).as_ptr::<u64>().read_volatile() };
     kassert_eq!(through_window, 0x1122_3344_5566_7788);
     unmap(virt, 8).map_err(|e| format!("unmap: {e}"))?;
     kassert!(translate(virt).is_none(), "still mapped after unmap");
@@ -396,24 +336,15 @@ fn executable_readonly_mapping_runs() -> TestResult {
     let code = super::phys_to_virt(frame).as_mut_ptr::<u8>();
     // SAFETY: the frame belongs to this test; six bytes at its start through the window are in bounds.
     unsafe { core::ptr::copy_nonoverlapping(RETURN_0X600D.as_ptr(), code, RETURN_0X600D.len()) };
-    let virt = map_executable_readonly(PhysFrame::containing_address(frame))
-        .map_err(|e| format!("map: {e}"))?;
+    let virt = map_executable_readonly(PhysFrame::containing_address(frame)).map_err(|e| format!("map: {e}"))?;
     let (phys, flags) = translate(virt).ok_or("the new mapping does not translate")?;
     kassert_eq!(phys, frame);
     kassert!(flags.contains(PageTableFlags::PRESENT));
-    kassert!(
-        !flags.contains(PageTableFlags::WRITABLE),
-        "executable page is writable: {flags:?}"
-    );
-    kassert!(
-        !flags.contains(PageTableFlags::NO_EXECUTE),
-        "executable page is no-execute: {flags:?}"
-    );
+    kassert!(!flags.contains(PageTableFlags::WRITABLE), "executable page is writable: {flags:?}");
+    kassert!(!flags.contains(PageTableFlags::NO_EXECUTE), "executable page is no-execute: {flags:?}");
     // SAFETY: the page holds a complete function (`mov eax, imm32; ret`, System V: result in eax) and is mapped
     // present and executable; the window's writes to it happened before, so instruction fetch sees them.
-    let function = unsafe {
-        core::mem::transmute::<*const u8, extern "sysv64" fn() -> u32>(virt.as_ptr::<u8>())
-    };
+    let function = unsafe { core::mem::transmute::<*const u8, extern "sysv64" fn() -> u32>(virt.as_ptr::<u8>()) };
     kassert_eq!(function(), 0x600D);
     unmap(virt, FRAME_SIZE).map_err(|e| format!("unmap: {e}"))?;
     kassert!(translate(virt).is_none(), "still mapped after unmap");
@@ -422,19 +353,10 @@ fn executable_readonly_mapping_runs() -> TestResult {
 }
 
 fn bad_requests_are_refused() -> TestResult {
-    kassert_eq!(
-        map_mmio(PhysAddr::new(0x1000), 0),
-        Err(PagingError::BadRange)
-    );
-    kassert_eq!(
-        map_mmio(PhysAddr::new(0x000F_FFFF_FFFF_F000), u64::MAX),
-        Err(PagingError::BadRange)
-    );
+    kassert_eq!(map_mmio(PhysAddr::new(0x1000), 0), Err(PagingError::BadRange));
+    kassert_eq!(map_mmio(PhysAddr::new(0x000F_FFFF_FFFF_F000), u64::MAX), Err(PagingError::BadRange));
     let probe = never_mapped_address().ok_or("no window")?;
-    kassert!(
-        translate(probe).is_none(),
-        "the never-mapped page is mapped"
-    );
+    kassert!(translate(probe).is_none(), "the never-mapped page is mapped");
     kassert_eq!(unmap(probe, FRAME_SIZE), Err(PagingError::NotMapped));
     // The bootloader's mappings are not this module's to remove.
     let kernel_text = VirtAddr::new(bad_requests_are_refused as *const () as u64);
