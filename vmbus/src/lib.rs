@@ -18,5 +18,6 @@ pub mod protocol;
 pub mod ring;
 pub mod client;
 pub mod channel;
+pub mod memory;
 pub mod server;
 pub mod kmcl;
