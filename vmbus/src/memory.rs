@@ -59,6 +59,15 @@ pub enum MemoryError {
         /// Pages asked for.
         pages: usize,
     },
+    /// A write through a read-only mapping of a GPADL.
+    ReadOnly,
+    /// Bytes outside the buffer a mapped GPADL describes.
+    OutsideBuffer {
+        /// Offset asked for in the buffer.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+    },
     /// Pages to free were not all allocated (or lie outside the arena).
     NotAllocated {
         /// The first page of the run.
@@ -75,6 +84,10 @@ impl fmt::Display for MemoryError {
             Self::NotContiguous { index } => write!(f, "ring page {index} does not follow the one before it"),
             Self::BadRingLength { pages } => write!(f, "a ring cannot have {pages} pages"),
             Self::Exhausted { pages } => write!(f, "no {pages} consecutive free pages"),
+            Self::ReadOnly => write!(f, "the mapping is read-only"),
+            Self::OutsideBuffer { offset, len } => {
+                write!(f, "{len} bytes at offset {offset:#x} are outside the buffer")
+            }
             Self::NotAllocated { pfn, pages } => write!(f, "pages {pfn:#x}+{pages} were not allocated"),
         }
     }

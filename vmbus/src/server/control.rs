@@ -10,6 +10,7 @@ use super::channel::{
     ChannelStatus, ChannelSummary, MAX_RELID, MONITOR_ID_COUNT, OfferSpec, OpenChannelInfo, ServerGpadl,
 };
 use super::config::ServerConfig;
+use super::mapping::{GpadlAccess, MapGpadlError, MapGpadlFlags, MappedGpadl};
 use super::status::{self, GpadlRefusal, ModifyRefusal, OpenRefusal};
 use crate::hv::hypercall::HvError;
 use crate::protocol::{
@@ -155,7 +156,7 @@ pub struct ServerStats {
     pub gpadl_failures: u64,
     /// OPENCHANNEL requests refused.
     pub open_failures: u64,
-    /// GPADL_TEARDOWN of an open channel's ring held until CLOSECHANNEL.
+    /// GPADL_TEARDOWNs held: of an open channel's ring until CLOSECHANNEL, of a mapped GPADL until it is unmapped.
     pub deferred_teardowns: u64,
     /// Events dropped because nobody drained them.
     pub events_dropped: u64,
@@ -257,6 +258,8 @@ struct PendingGpadl {
 /// - A rescind closes the host's end of an open channel at once. The relid stays taken until RELID_RELEASED,
 ///   which also drops the channel's remaining GPADLs without GPADL_TORNDOWN (OpenVMM does the same). A
 ///   GPADL_TEARDOWN for a rescinded channel is answered at once; OPENCHANNEL and CLOSECHANNEL for it are ignored.
+/// - GPADL_TEARDOWN of a GPADL the host mapped ([`Server::map_gpadl`]) is held until [`Server::unmap_gpadl`], at
+///   any version (KMCL's `VmbChannelDeleteGpadl` blocks while the server has it mapped).
 #[derive(Clone, Debug)]
 pub struct Server {
     config: ServerConfig,
@@ -265,6 +268,8 @@ pub struct Server {
     next_sequence: u64,
     gpadls: BTreeMap<u32, ServerGpadl>,
     pending_gpadls: BTreeMap<u32, PendingGpadl>,
+    /// Creation access and mapping state of accepted GPADLs, by handle; absent means writable and not mapped.
+    gpadl_access: BTreeMap<u32, GpadlAccess>,
     monitor_ids_in_use: u128,
     outbox: VecDeque<MessageBuffer>,
     events: VecDeque<ServerEvent>,
@@ -281,6 +286,7 @@ impl Server {
             next_sequence: 0,
             gpadls: BTreeMap::new(),
             pending_gpadls: BTreeMap::new(),
+            gpadl_access: BTreeMap::new(),
             monitor_ids_in_use: 0,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -376,7 +382,89 @@ impl Server {
         Ok(())
     }
 
+    // ---- server-only GPADL mapping (kmcl-api.md §Server-only methods; see `super::mapping`) ----
+
+    /// Records that GPADL `handle` was created read-only (`VMBUS_CHANNEL_GPADL_READ_ONLY`), so that mapping it for
+    /// writing fails. The wire protocol carries no such flag: an in-process client (a loopback KMCL channel) says so
+    /// through this call; GPADLs a guest describes over VMBus stay writable.
+    pub fn set_gpadl_read_only(&mut self, handle: u32) -> Result<(), MapGpadlError> {
+        if !self.gpadls.contains_key(&handle) {
+            return Err(MapGpadlError::UnknownGpadl(handle));
+        }
+        self.gpadl_access.entry(handle).or_default().read_only = true;
+        Ok(())
+    }
+
+    /// `VmbChannelMapGpadl`: maps GPADL `handle` of channel `relid` for the server. Without
+    /// [`MapGpadlFlags::READ_ONLY`] it asks for write access, which a read-only GPADL refuses; a GPADL is mapped at
+    /// most once at a time, and not once its teardown was asked for. Pair with [`unmap_gpadl`](Self::unmap_gpadl):
+    /// until then the GPADL's GPADL_TORNDOWN is held.
+    pub fn map_gpadl(&mut self, relid: u32, flags: MapGpadlFlags, handle: u32) -> Result<MappedGpadl, MapGpadlError> {
+        if flags.0 & !MapGpadlFlags::READ_ONLY.0 != 0 {
+            return Err(MapGpadlError::InvalidFlags(flags.0));
+        }
+        if !self.channel_visible(relid) {
+            return Err(MapGpadlError::UnknownChannel(relid));
+        }
+        let gpadl = self.gpadls.get(&handle).ok_or(MapGpadlError::UnknownGpadl(handle))?;
+        if gpadl.relid() != relid {
+            return Err(MapGpadlError::ForeignGpadl(handle));
+        }
+        if gpadl.teardown_pending {
+            return Err(MapGpadlError::TeardownPending(handle));
+        }
+        let access = self.gpadl_access.get(&handle).copied().unwrap_or_default();
+        if access.mapped.is_some() {
+            return Err(MapGpadlError::AlreadyMapped(handle));
+        }
+        let writable = !flags.read_only();
+        if writable && access.read_only {
+            return Err(MapGpadlError::NotWritable(handle));
+        }
+        let mapped = MappedGpadl { relid, handle, ranges: gpadl.gpadl.ranges.clone(), writable };
+        self.gpadl_access.insert(handle, GpadlAccess { mapped: Some(writable), ..access });
+        Ok(mapped)
+    }
+
+    /// `VmbChannelUnmapGpadl`: ends the mapping of GPADL `handle` of channel `relid`. A GPADL_TEARDOWN held for the
+    /// mapping is answered now, unless the GPADL is still the ring of an open channel (then at close, §5).
+    pub fn unmap_gpadl(&mut self, relid: u32, handle: u32) -> Result<(), MapGpadlError> {
+        let gpadl = self.gpadls.get(&handle).ok_or(MapGpadlError::UnknownGpadl(handle))?;
+        if gpadl.relid() != relid {
+            return Err(MapGpadlError::ForeignGpadl(handle));
+        }
+        let teardown_pending = gpadl.teardown_pending;
+        let access = self.gpadl_access.get_mut(&handle).filter(|access| access.mapped.is_some());
+        let access = access.ok_or(MapGpadlError::NotMapped(handle))?;
+        access.mapped = None;
+        if teardown_pending && !self.ring_held_open(relid, handle) {
+            self.tear_down(relid, handle);
+        }
+        Ok(())
+    }
+
+    /// Whether GPADL `handle` is mapped now.
+    pub fn is_gpadl_mapped(&self, handle: u32) -> bool {
+        self.gpadl_access.get(&handle).is_some_and(|access| access.mapped.is_some())
+    }
+
+    /// Whether GPADL `handle` is the ring of open channel `relid` on a version whose guests close before tearing
+    /// down (§5), so its GPADL_TORNDOWN waits for the close.
+    fn ring_held_open(&self, relid: u32, handle: u32) -> bool {
+        let ring_in_use = self.channels.get(&relid).is_some_and(|channel| channel.state.ring_gpadl() == Some(handle));
+        ring_in_use && self.connection.is_some_and(|c| c.version.requires_gpadl_teardown_after_close())
+    }
+
     // ---- observation ----
+
+    /// What a held OPENCHANNEL asks for ([`OfferSpec::confirm_opens`]), for the owner to check (for instance map the
+    /// rings) before [`complete_open`](Self::complete_open).
+    pub fn opening_channel_info(&self, relid: u32) -> Option<&OpenChannelInfo> {
+        match &self.channels.get(&relid)?.state {
+            OpenState::Opening(info) => Some(info),
+            _ => None,
+        }
+    }
 
     /// The next message for the guest (in order), without taking it.
     pub fn peek_outgoing(&self) -> Option<&MessageBuffer> {
@@ -555,6 +643,7 @@ impl Server {
         self.outbox.clear();
         self.gpadls.clear();
         self.pending_gpadls.clear();
+        self.gpadl_access.clear();
         let mut closed = Vec::new();
         let mut rescinded = Vec::new();
         for (&relid, channel) in &mut self.channels {
@@ -732,10 +821,11 @@ impl Server {
             self.stats.out_of_state += 1;
             return;
         }
-        let ring_in_use = self.channels.get(&relid).is_some_and(|channel| channel.state.ring_gpadl() == Some(handle));
-        let close_first = self.connection.is_some_and(|c| c.version.requires_gpadl_teardown_after_close());
-        if ring_in_use && close_first {
-            gpadl.teardown_pending = true;
+        let mapped = self.gpadl_access.get(&handle).is_some_and(|access| access.mapped.is_some());
+        if mapped || self.ring_held_open(relid, handle) {
+            if let Some(gpadl) = self.gpadls.get_mut(&handle) {
+                gpadl.teardown_pending = true;
+            }
             self.stats.deferred_teardowns += 1;
             return;
         }
@@ -744,6 +834,7 @@ impl Server {
 
     fn tear_down(&mut self, relid: u32, handle: u32) {
         self.gpadls.remove(&handle);
+        self.gpadl_access.remove(&handle);
         self.send(&GpadlTorndown::new(handle));
         self.push_event(ServerEvent::GpadlTornDown { relid, gpadl: handle });
     }
@@ -849,6 +940,7 @@ impl Server {
             .gpadls
             .iter()
             .filter(|(_, gpadl)| gpadl.teardown_pending && gpadl.relid() == relid)
+            .filter(|(handle, _)| !self.gpadl_access.get(handle).is_some_and(|access| access.mapped.is_some()))
             .map(|(&handle, _)| handle)
             .collect();
         for handle in deferred {
@@ -878,6 +970,8 @@ impl Server {
         }
         self.gpadls.retain(|_, gpadl| gpadl.relid() != relid);
         self.pending_gpadls.retain(|_, pending| pending.assembler.child_relid() != relid);
+        let gpadls = &self.gpadls;
+        self.gpadl_access.retain(|handle, _| gpadls.contains_key(handle));
         // Only a channel the guest saw is released by it (rescinded ones); one it never saw just goes.
         if channel.rescinded {
             self.push_event(ServerEvent::ChannelReleased { relid });

@@ -15,22 +15,34 @@
 //!   ([`LoopbackBus::run_host`]): it reads the ports, lets the server answer, and delivers the answers to SINT 2
 //!   until the SynIC queue is full; what does not fit waits in the server's outbox for the next turn.
 //!
+//! With guest memory ([`LoopbackBus::with_memory`], a [`PageArena`] the guest allocates its rings from) the bus also
+//! runs the data path: it maps the rings of every OPENCHANNEL before answering (a guest naming pages outside memory,
+//! pages that are not contiguous or rings that share a page gets OPENCHANNEL_RESULT with STATUS_INVALID_PARAMETER),
+//! keeps a [`ServerEndpoint`] per open channel for the test to take ([`LoopbackBus::take_endpoint`]), closes it when
+//! the server processes CLOSECHANNEL, a rescind, UNLOAD or a reconnect, signals the guest through SINT 2's event
+//! flags ([`GuestSignal`]), and tells which channels the guest signalled
+//! ([`LoopbackBus::take_signalled_channels`]).
+//!
 //! Nothing runs behind the guest's back: the host only acts in `wait`, `delay_us`, `run_host` and the host API
 //! calls ([`offer`](LoopbackBus::offer), [`rescind`](LoopbackBus::rescind),
 //! [`complete_open`](LoopbackBus::complete_open)), so every test replays exactly.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use spin::Mutex;
 
+use super::channel::ChannelStatus;
 use super::channel::OfferSpec;
 use super::config::ServerConfig;
 use super::control::{Server, ServerError};
+use super::endpoint::{EndpointCloser, GuestSignal, ServerEndpoint};
+use super::status;
 use crate::client::VmbusTransport;
 use crate::hv::hypercall::{Delay, HvError, Hypercalls};
 use crate::hv::sim::{PostFilter, SimHypervisor};
 use crate::hv::synic::{HvMessageType, consume_message};
+use crate::memory::PageArena;
 use crate::protocol::parse::peek_type;
 use crate::protocol::{MAX_MESSAGE_SIZE, MessageType, VMBUS_MESSAGE_SINT};
 
@@ -73,6 +85,19 @@ pub struct LoopbackStats {
     pub delivery_stalls: u64,
     /// Guest messages with a PostMessage type other than 1, dropped unread.
     pub foreign_messages: u64,
+    /// OPENCHANNELs refused because their rings could not be mapped from guest memory.
+    pub rings_refused: u64,
+    /// Host → guest channel signals (event flag set, whether or not it was already set).
+    pub guest_signals: u64,
+}
+
+/// The host's end of an open channel, as the bus keeps it.
+struct EndpointSlot {
+    /// The endpoint, until the test takes it.
+    endpoint: Option<ServerEndpoint<PageArena>>,
+    closer: EndpointCloser,
+    open_id: u32,
+    ring_gpadl: u32,
 }
 
 struct GlueState {
@@ -80,6 +105,11 @@ struct GlueState {
     log: VecDeque<ReceivedMessage>,
     /// relid → connection id of the event ports registered for offered channels.
     event_ports: BTreeMap<u32, u32>,
+    /// Channels whose opens the bus answers itself after mapping their rings (offered without
+    /// [`OfferSpec::confirm_opens`] on a bus with memory).
+    auto_open: BTreeSet<u32>,
+    /// The host's ends of open channels, by relid.
+    endpoints: BTreeMap<u32, EndpointSlot>,
 }
 
 /// A VMBus host ([`Server`]) and a simulated hypervisor wired together for a guest [`Connection`]: see the
@@ -90,6 +120,7 @@ pub struct LoopbackBus {
     hypervisor: SimHypervisor,
     server: Mutex<Server>,
     message_ports: Vec<u32>,
+    memory: Option<PageArena>,
     glue: Mutex<GlueState>,
 }
 
@@ -103,6 +134,16 @@ impl LoopbackBus {
     /// A bus over an existing simulated hypervisor (for instance one started from reset, which the guest must
     /// bring up itself). The server's message connection ids are registered on it.
     pub fn with_hypervisor(hypervisor: SimHypervisor, config: ServerConfig) -> LoopbackBus {
+        LoopbackBus::build(hypervisor, config, None)
+    }
+
+    /// A bus that also runs the data path over `memory` (see the module documentation): the guest allocates its
+    /// rings there ([`PageArena::channel_rings`]) and the host maps them from the PFNs OPENCHANNEL names.
+    pub fn with_memory(config: ServerConfig, memory: PageArena) -> LoopbackBus {
+        LoopbackBus::build(SimHypervisor::default(), config, Some(memory))
+    }
+
+    fn build(hypervisor: SimHypervisor, config: ServerConfig, memory: Option<PageArena>) -> LoopbackBus {
         let message_ports = config.message_connection_ids();
         for &connection_id in &message_ports {
             let rules = config.clone();
@@ -113,10 +154,13 @@ impl LoopbackBus {
             hypervisor,
             server: Mutex::new(Server::new(config)),
             message_ports,
+            memory,
             glue: Mutex::new(GlueState {
                 stats: LoopbackStats::default(),
                 log: VecDeque::new(),
                 event_ports: BTreeMap::new(),
+                auto_open: BTreeSet::new(),
+                endpoints: BTreeMap::new(),
             }),
         }
     }
@@ -131,11 +175,27 @@ impl LoopbackBus {
         f(&mut self.server.lock())
     }
 
+    /// The guest memory of the data path, if the bus has one.
+    pub fn memory(&self) -> Option<&PageArena> {
+        self.memory.as_ref()
+    }
+
     /// Offers a channel ([`Server::offer`]), registers its event port, and delivers the offer at once if the
-    /// guest already asked for offers.
-    pub fn offer(&self, spec: OfferSpec) -> Result<u32, ServerError> {
+    /// guest already asked for offers. On a bus with memory an offer without [`OfferSpec::confirm_opens`] is made
+    /// with it, and the bus answers each open itself once it has mapped the rings.
+    pub fn offer(&self, mut spec: OfferSpec) -> Result<u32, ServerError> {
         let mut server = self.server.lock();
+        let auto_open = self.memory.is_some() && !spec.confirm_opens;
+        spec.confirm_opens |= auto_open;
         let relid = server.offer(spec)?;
+        {
+            let mut glue = self.glue.lock();
+            if auto_open {
+                glue.auto_open.insert(relid);
+            } else {
+                glue.auto_open.remove(&relid);
+            }
+        }
         self.sync_event_ports(&server);
         self.deliver(&mut server);
         Ok(relid)
@@ -146,16 +206,115 @@ impl LoopbackBus {
         let mut server = self.server.lock();
         server.rescind(relid)?;
         self.sync_event_ports(&server);
+        self.sync_endpoints(&mut server);
         self.deliver(&mut server);
         Ok(())
     }
 
-    /// Answers a held OPENCHANNEL ([`Server::complete_open`]) and delivers the result.
+    /// Answers a held OPENCHANNEL ([`Server::complete_open`]) and delivers the result. On a bus with memory a
+    /// success first maps the rings; when that fails the open is refused with STATUS_INVALID_PARAMETER instead.
     pub fn complete_open(&self, relid: u32, status: u32) -> Result<(), ServerError> {
         let mut server = self.server.lock();
-        server.complete_open(relid, status)?;
+        if status == status::SUCCESS && self.memory.is_some() {
+            if server.opening_channel_info(relid).is_none() {
+                return Err(ServerError::NotOpening(relid));
+            }
+            self.accept_open(&mut server, relid);
+        } else {
+            server.complete_open(relid, status)?;
+        }
         self.deliver(&mut server);
         Ok(())
+    }
+
+    /// Takes the host's end of open channel `relid` (once per open; the bus still closes it when the channel
+    /// closes). `None` without memory, for a channel that is not open, or when it was already taken.
+    pub fn take_endpoint(&self, relid: u32) -> Option<ServerEndpoint<PageArena>> {
+        self.glue.lock().endpoints.get_mut(&relid)?.endpoint.take()
+    }
+
+    /// The channels the guest signalled since the last call (HvSignalEvent on their offers' connection ids), in
+    /// ascending relid order: which rings the host should look at.
+    pub fn take_signalled_channels(&self) -> Vec<u32> {
+        let glue = self.glue.lock();
+        glue.event_ports
+            .iter()
+            .filter(|&(_, &connection_id)| !self.hypervisor.host_take_events(connection_id).is_empty())
+            .map(|(&relid, _)| relid)
+            .collect()
+    }
+
+    /// The guest's side of a host signal, for tests: test-and-clears every flag set in SINT 2's event flags (as the
+    /// guest's interrupt handler does, §4) and returns their numbers — the relids the host signalled.
+    pub fn take_guest_event_flags(&self) -> Vec<u32> {
+        let mut relids = Vec::new();
+        let Some(words) = self.hypervisor.guest_event_flags(VMBUS_MESSAGE_SINT) else {
+            return relids;
+        };
+        for (index, word) in words.iter().enumerate() {
+            if word.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, core::sync::atomic::Ordering::AcqRel);
+            while bits != 0 {
+                relids.push(index as u32 * 64 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        relids
+    }
+
+    /// Maps the rings of the held open of `relid` and answers it: success with a new endpoint, or
+    /// STATUS_INVALID_PARAMETER when the rings cannot be mapped.
+    fn accept_open(&self, server: &mut Server, relid: u32) {
+        let (Some(memory), Some(info)) = (self.memory.as_ref(), server.opening_channel_info(relid)) else {
+            return;
+        };
+        let (open_id, ring_gpadl) = (info.open_id, info.ring_gpadl);
+        let outcome = match ServerEndpoint::new(info, memory.clone()) {
+            Ok(endpoint) => {
+                let slot = EndpointSlot { closer: endpoint.closer(), endpoint: Some(endpoint), open_id, ring_gpadl };
+                if let Some(old) = self.glue.lock().endpoints.insert(relid, slot) {
+                    old.closer.close();
+                }
+                status::SUCCESS
+            }
+            Err(error) => {
+                log::debug!("vmbus loopback: rings of relid {relid} refused: {error}");
+                self.glue.lock().stats.rings_refused += 1;
+                status::INVALID_PARAMETER
+            }
+        };
+        if let Err(error) = server.complete_open(relid, outcome) {
+            log::warn!("vmbus loopback: answering the open of relid {relid}: {error}");
+        }
+    }
+
+    /// Answers the held opens the bus owns, and closes the endpoints of channels that are no longer open (or were
+    /// reopened over other rings).
+    fn sync_endpoints(&self, server: &mut Server) {
+        if self.memory.is_none() {
+            return;
+        }
+        let auto_open: Vec<u32> = {
+            let mut glue = self.glue.lock();
+            glue.auto_open.retain(|&relid| server.channel(relid).is_some());
+            glue.auto_open.iter().copied().collect()
+        };
+        for relid in auto_open {
+            if server.channel(relid).is_some_and(|channel| channel.status == ChannelStatus::Opening) {
+                self.accept_open(server, relid);
+            }
+        }
+        self.glue.lock().endpoints.retain(|&relid, slot| {
+            let current = server
+                .open_channel_info(relid)
+                .is_some_and(|info| info.open_id == slot.open_id && info.ring_gpadl == slot.ring_gpadl);
+            if !current {
+                slot.closer.close();
+            }
+            current
+        });
     }
 
     /// One host turn: hand the guest's posted messages (ports in ascending connection id) to the server while
@@ -190,6 +349,7 @@ impl LoopbackBus {
             if let Err(error) = server.handle_message(posted.connection_id, &posted.payload) {
                 log::warn!("vmbus loopback: a message the port admitted was refused: {error}");
             }
+            self.sync_endpoints(&mut server);
             processed += 1;
         }
         self.sync_event_ports(&server);
@@ -258,6 +418,16 @@ impl LoopbackBus {
                 glue.event_ports.insert(relid, channel.connection_id);
             }
         }
+    }
+}
+
+impl GuestSignal for LoopbackBus {
+    /// Sets event flag `relid` of SINT 2 with the simulated hypervisor (raising the interrupt if it was clear).
+    fn signal_guest(&self, relid: u32) -> Result<(), HvError> {
+        let flag = u16::try_from(relid).map_err(|_| HvError::INVALID_PARAMETER)?;
+        self.hypervisor.signal_guest(VMBUS_MESSAGE_SINT, flag)?;
+        self.glue.lock().stats.guest_signals += 1;
+        Ok(())
     }
 }
 

@@ -13,13 +13,20 @@
 //! - [`OfferSpec`] describes a channel to offer; [`OpenChannelInfo`] is what an accepted OPENCHANNEL established
 //!   (the ring GPADL's pages and their split), for the ring layer to map.
 //! - [`status`] holds the failure statuses and their reasons.
+//! - [`endpoint`]: [`ServerEndpoint`], the host's end of an open channel — the rings in the host's orientation over
+//!   [`crate::memory::GuestMemory`], send and receive with the §6 signalling rules, the guest signalled through
+//!   [`GuestSignal`].
+//! - The server-only GPADL mapping of the KMCL ([`Server::map_gpadl`], [`Server::unmap_gpadl`], [`MappedGpadl`]):
+//!   read-only rule, one mapping at a time, teardown held until unmapped.
 //! - [`loopback`] wires a server and the simulated hypervisor into the client's [`crate::client::VmbusTransport`],
 //!   so the guest's [`crate::client::Connection`] runs against this server.
 
 mod channel;
 mod config;
 mod control;
+pub mod endpoint;
 pub mod loopback;
+mod mapping;
 pub mod status;
 
 #[cfg(test)]
@@ -33,5 +40,7 @@ pub use control::{
     ConnectionInfo, DisconnectReason, MAX_PENDING_GPADLS, MAX_QUEUED_EVENTS, Server, ServerError, ServerEvent,
     ServerStats,
 };
+pub use endpoint::{EndpointCloser, EndpointError, EndpointStats, GuestSignal, ReceivedPacket, ServerEndpoint};
 pub use loopback::LoopbackBus;
+pub use mapping::{MapGpadlError, MapGpadlFlags, MappedGpadl};
 pub use status::{GpadlRefusal, ModifyRefusal, OpenRefusal};
