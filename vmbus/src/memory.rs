@@ -68,6 +68,11 @@ pub enum MemoryError {
         /// Bytes asked for.
         len: u64,
     },
+    /// An atomic word operation at an address that is not 8-byte aligned.
+    Misaligned {
+        /// The address.
+        gpa: u64,
+    },
     /// Pages to free were not all allocated (or lie outside the arena).
     NotAllocated {
         /// The first page of the run.
@@ -88,6 +93,7 @@ impl fmt::Display for MemoryError {
             Self::OutsideBuffer { offset, len } => {
                 write!(f, "{len} bytes at offset {offset:#x} are outside the buffer")
             }
+            Self::Misaligned { gpa } => write!(f, "guest address {gpa:#x} is not 8-byte aligned"),
             Self::NotAllocated { pfn, pages } => write!(f, "pages {pfn:#x}+{pages} were not allocated"),
         }
     }
@@ -317,6 +323,27 @@ impl PageArena {
         }
     }
 
+    /// Atomically sets the bits of `mask` in the little-endian word at `gpa` (8-byte aligned) and returns the word
+    /// as it was: how the interrupt and monitor pages are written (§4, §9).
+    pub fn fetch_or_word(&self, gpa: u64, mask: u64) -> Result<u64, MemoryError> {
+        Ok(self.word(gpa)?.fetch_or(mask, Ordering::AcqRel))
+    }
+
+    /// Atomically clears the bits of `mask` in the little-endian word at `gpa` (8-byte aligned) and returns the word
+    /// as it was: test-and-clear of interrupt and monitor bits (§4, §9).
+    pub fn fetch_clear_word(&self, gpa: u64, mask: u64) -> Result<u64, MemoryError> {
+        Ok(self.word(gpa)?.fetch_and(!mask, Ordering::AcqRel))
+    }
+
+    /// The word at the 8-byte aligned `gpa`.
+    fn word(&self, gpa: u64) -> Result<&AtomicU64, MemoryError> {
+        if !gpa.is_multiple_of(8) {
+            return Err(MemoryError::Misaligned { gpa });
+        }
+        let offset = self.byte_offset(gpa, 8)?;
+        Ok(&self.inner.words[offset / 8])
+    }
+
     /// Index in the arena of guest page `pfn`.
     fn page_index(&self, pfn: u64) -> Option<usize> {
         let index = pfn.checked_sub(self.inner.base_pfn)?;
@@ -368,6 +395,54 @@ impl GuestMemory for PageArena {
         let offset = self.byte_offset(gpa, src.len())?;
         copy_in(&self.inner.words, offset, src);
         Ok(())
+    }
+}
+
+/// The guest side of a test: its interrupt page and monitor page 2 in arena memory, where a guest channel sets its
+/// bits before (or instead of) HvSignalEvent (§4, §9, [`crate::channel::SignalPath`]). Bits that would fall outside
+/// the arena are dropped (and logged): a test's mistake, not something to panic over.
+#[derive(Clone, Debug)]
+pub struct ArenaInterruptPages {
+    memory: PageArena,
+    /// The guest's interrupt page (send half at +2048), if it has one.
+    interrupt_page: Option<u64>,
+    /// Monitor page 2 (child → parent), if the guest gave monitor pages.
+    monitor_page2: Option<u64>,
+}
+
+/// Offset of the guest → host half of the interrupt page (§4: the first half is the host → guest one).
+pub const SEND_INTERRUPT_OFFSET: u64 = 2048;
+
+/// Offset of trigger group 0 in a monitor page; each group is `{pending u32, armed u32}` (§9).
+pub const MONITOR_TRIGGER_GROUP_OFFSET: u64 = 8;
+
+impl ArenaInterruptPages {
+    /// The pages at guest physical addresses `interrupt_page` and `monitor_page2` of `memory`.
+    pub fn new(memory: PageArena, interrupt_page: Option<u64>, monitor_page2: Option<u64>) -> ArenaInterruptPages {
+        ArenaInterruptPages { memory, interrupt_page, monitor_page2 }
+    }
+
+    fn set_bit(&self, gpa: u64, bit: u32) {
+        if let Err(error) = self.memory.fetch_or_word(gpa, 1 << bit) {
+            log::warn!("vmbus test guest: interrupt bit at {gpa:#x}: {error}");
+        }
+    }
+}
+
+impl crate::channel::InterruptPages for ArenaInterruptPages {
+    fn set_send_interrupt(&self, relid: u32) {
+        if let Some(page) = self.interrupt_page {
+            let word = SEND_INTERRUPT_OFFSET + u64::from(relid / 64) * 8;
+            self.set_bit(page + word, relid % 64);
+        }
+    }
+
+    fn set_monitor_pending(&self, monitor_id: u8) {
+        if let Some(page) = self.monitor_page2 {
+            // `pending` is the low half of the group's word.
+            let group = MONITOR_TRIGGER_GROUP_OFFSET + u64::from(monitor_id / 32) * 8;
+            self.set_bit(page + group, u32::from(monitor_id % 32));
+        }
     }
 }
 
@@ -675,6 +750,32 @@ mod tests {
             assert!(matches!(arena.write_gpa_ranges(&parsed, &[0; 16]), Err(MemoryError::OutOfRange { .. })));
             let _ = batch.commit().unwrap();
         }
+    }
+
+    #[test]
+    fn word_bit_operations_and_interrupt_pages() {
+        use crate::channel::InterruptPages;
+        let arena = PageArena::new(0x20, 3);
+        let page = 0x20 * PAGE_SIZE;
+        assert_eq!(arena.fetch_or_word(page + 8, 0b101), Ok(0));
+        assert_eq!(arena.fetch_or_word(page + 8, 0b010), Ok(0b101));
+        assert_eq!(arena.fetch_clear_word(page + 8, 0b001), Ok(0b111));
+        assert_eq!(arena.fetch_clear_word(page + 8, u64::MAX), Ok(0b110));
+        assert_eq!(arena.fetch_or_word(page + 4, 1), Err(MemoryError::Misaligned { gpa: page + 4 }));
+        assert!(arena.fetch_or_word(page + 3 * PAGE_SIZE, 1).is_err());
+
+        let pages = ArenaInterruptPages::new(arena.clone(), Some(page), Some(page + 2 * PAGE_SIZE));
+        pages.set_send_interrupt(70);
+        pages.set_monitor_pending(33);
+        let mut word = [0u8; 8];
+        arena.read(page + SEND_INTERRUPT_OFFSET + 8, &mut word).unwrap();
+        assert_eq!(u64::from_le_bytes(word), 1 << 6, "relid 70: word 1, bit 6 of the send half");
+        arena.read(page + 2 * PAGE_SIZE + MONITOR_TRIGGER_GROUP_OFFSET + 8, &mut word).unwrap();
+        assert_eq!(u64::from_le_bytes(word), 1 << 1, "monitor id 33: group 1 pending, bit 1");
+        // Pages outside the arena are ignored, not a panic.
+        let outside = ArenaInterruptPages::new(arena.clone(), Some(0), None);
+        outside.set_send_interrupt(1);
+        outside.set_monitor_pending(1);
     }
 
     #[test]

@@ -7,7 +7,10 @@ use std::cell::RefCell;
 
 use vmbus::channel::{Channel, ChannelError, InterruptPages};
 use vmbus::client::{ClientError, ConnectOptions, Connection};
-use vmbus::memory::{GuestMemory, MemoryError, PAGE_SIZE, PageArena};
+use vmbus::memory::{
+    ArenaInterruptPages, GuestMemory, MONITOR_TRIGGER_GROUP_OFFSET, MemoryError, PAGE_SIZE, PageArena,
+    SEND_INTERRUPT_OFFSET,
+};
 use vmbus::protocol::{Guid, MessageType, VMBUS_MESSAGE_SINT, device_class};
 use vmbus::ring::{
     ControlField, OutgoingGpaRange, OutgoingKind, OutgoingPacket, PacketType, RingError, RingMemory, SpaceRequest,
@@ -489,4 +492,143 @@ fn the_host_maps_a_guest_gpadl_under_the_kmcl_rules() {
         core::iter::from_fn(|| server.pop_event()).any(|e| e == ServerEvent::GpadlTornDown { relid: 1, gpadl: gpadl.0 })
     });
     assert!(torn_down, "unmapping answers the held teardown");
+}
+
+#[test]
+fn a_monitored_channel_signals_through_monitor_page_2_without_a_hypercall() {
+    let arena = PageArena::new(BASE_PFN, 64);
+    let bus: &'static LoopbackBus = Box::leak(Box::new(LoopbackBus::with_memory(ServerConfig::new(), arena.clone())));
+    bus.offer(spec(0)).unwrap();
+    let monitored = bus.offer(OfferSpec { monitored: true, ..spec(1) }).unwrap();
+    let interrupt_page = arena.allocate(1).unwrap() * PAGE_SIZE;
+    let monitor_pages = arena.allocate(2).unwrap() * PAGE_SIZE;
+    let (page1, page2) = (monitor_pages, monitor_pages + PAGE_SIZE);
+    let mut conn = Connection::connect(bus, ConnectOptions::new(interrupt_page, (page1, page2))).unwrap();
+    conn.request_offers().unwrap();
+    let offer = conn.offer(monitored).unwrap().clone();
+    let monitor_id = offer.monitor_id.expect("the offer carries a monitor id");
+    let guest_pages = ArenaInterruptPages::new(arena.clone(), Some(interrupt_page), Some(page2));
+
+    let rings = arena.channel_rings(2, 2).unwrap();
+    let mut channel = Channel::open(&mut conn, monitored, rings, 0, &[]).unwrap();
+    let mut endpoint = bus.take_endpoint(monitored).unwrap();
+    assert!(
+        channel.send(&OutgoingPacket::in_band(1, b"monitored"), conn.transport(), &guest_pages).unwrap().signal_peer
+    );
+    assert_eq!(bus.hypervisor().host_signal_count(offer.connection_id), 0, "no HvSignalEvent");
+    let group_word = page2 + MONITOR_TRIGGER_GROUP_OFFSET + u64::from(monitor_id / 32) * 8;
+    let mut word = [0u8; 8];
+    arena.read(group_word, &mut word).unwrap();
+    assert_eq!(u64::from_le_bytes(word), 1 << (monitor_id % 32), "the pending bit of the monitor id");
+    arena.read(interrupt_page + SEND_INTERRUPT_OFFSET, &mut word).unwrap();
+    assert_eq!(u64::from_le_bytes(word), 1 << monitored, "the relid bit in the send half of the interrupt page");
+
+    assert_eq!(bus.take_signalled_channels(), [monitored]);
+    assert_eq!(bus.take_signalled_channels(), [] as [u32; 0], "the scan clears the pending bit");
+    arena.read(group_word, &mut word).unwrap();
+    assert_eq!(u64::from_le_bytes(word), 0);
+    assert_eq!(host_receive(bus, &mut endpoint)[0].transaction_id, 1);
+}
+
+#[test]
+fn a_soak_of_random_traffic_loses_nothing_duplicates_nothing_and_leaks_no_pages() {
+    const CHANNELS: u32 = 4;
+    // VMBUS_SOAK_ROUND_TRIPS=2000000 for a longer soak.
+    let round_trips: u64 = std::env::var("VMBUS_SOAK_ROUND_TRIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let (bus, arena, mut conn) = setup(256, CHANNELS);
+    let pages = Pages::default();
+    let mut pairs: Vec<_> = (1..=CHANNELS).map(|relid| open(bus, &arena, &mut conn, relid, 2 + relid % 2)).collect();
+    let pattern: Vec<u8> = (0..2048u32).map(|i| (i * 131 + 17) as u8).collect();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut random = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    // Per channel: next request id to send, next completion id expected.
+    let mut next_send = vec![0u64; CHANNELS as usize];
+    let mut next_done = vec![0u64; CHANNELS as usize];
+    let size = |relid: u32, id: u64| ((id * 7 + u64::from(relid) * 13) % 2000) as usize + 1;
+    let mut completed = 0u64;
+    while completed < round_trips {
+        // A random channel sends a random burst (until its ring is full).
+        let index = random(u64::from(CHANNELS)) as usize;
+        let relid = index as u32 + 1;
+        for _ in 0..1 + random(8) {
+            let id = next_send[index];
+            let payload = &pattern[..size(relid, id)];
+            let packet = OutgoingPacket::in_band(id, payload).with_completion_requested();
+            match pairs[index].0.send(&packet, conn.transport(), &pages) {
+                Ok(_) => next_send[index] += 1,
+                Err(ChannelError::Ring(RingError::Full { .. })) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Now and then the host serves what was signalled, completing with the request's first 8 bytes.
+        if random(3) == 0 {
+            for relid in bus.take_signalled_channels() {
+                let index = relid as usize - 1;
+                let mut waiting = Vec::new();
+                pairs[index].1.receive_owned(bus, &mut waiting).unwrap();
+                for packet in waiting {
+                    let want = size(relid, packet.transaction_id);
+                    assert_eq!(&packet.payload[..want], &pattern[..want]);
+                    loop {
+                        let (channel, endpoint) = &mut pairs[index];
+                        match endpoint.send_completion(packet.transaction_id, &packet.payload[..8], bus) {
+                            Ok(_) => break,
+                            // The guest drains its completions before the host goes on.
+                            Err(EndpointError::Ring(RingError::Full { .. })) => {
+                                completed += check_completions(&conn, &pages, channel, &mut next_done[index]);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            }
+        }
+        // The guest reads completions on the channels the host signalled.
+        for relid in bus.take_guest_event_flags() {
+            let index = relid as usize - 1;
+            completed += check_completions(&conn, &pages, &mut pairs[index].0, &mut next_done[index]);
+        }
+    }
+    // Everything that completed was sent, in order; nothing is left over once both sides drain.
+    for (index, (channel, endpoint)) in pairs.iter_mut().enumerate() {
+        assert!(next_done[index] <= next_send[index]);
+        let mut waiting = Vec::new();
+        endpoint.receive_owned(bus, &mut waiting).unwrap();
+        for packet in waiting {
+            let _ = endpoint.send_completion(packet.transaction_id, &packet.payload[..8], bus).unwrap();
+        }
+        check_completions(&conn, &pages, channel, &mut next_done[index]);
+        assert_eq!(next_done[index], next_send[index], "every request of relid {} completed once", index + 1);
+    }
+    for (channel, endpoint) in pairs {
+        let relid = channel.relid();
+        let pfns = bus.with_server(|server| server.open_channel_info(relid).unwrap().ring_pfns.clone());
+        channel.close(&mut conn).unwrap();
+        assert!(endpoint.is_closed());
+        arena.free(pfns[0], pfns.len()).unwrap();
+    }
+    assert_eq!(arena.allocated_pages(), 0, "every ring page came back");
+    assert_eq!(bus.with_server(|server| server.gpadl_handles().count()), 0, "no GPADL left on the host");
+}
+
+/// Reads the completions waiting on a guest channel, checking they come in order, once each; returns how many.
+fn check_completions(
+    conn: &Connection<&'static LoopbackBus>,
+    pages: &Pages,
+    channel: &mut GuestChannel,
+    next_done: &mut u64,
+) -> u64 {
+    let mut count = 0;
+    for (packet_type, id, _, _) in guest_receive(conn, pages, channel) {
+        assert_eq!(packet_type, PacketType::COMPLETION);
+        assert_eq!(id, *next_done, "completions in order, none lost or repeated");
+        *next_done += 1;
+        count += 1;
+    }
+    count
 }

@@ -42,7 +42,7 @@ use crate::client::VmbusTransport;
 use crate::hv::hypercall::{Delay, HvError, Hypercalls};
 use crate::hv::sim::{PostFilter, SimHypervisor};
 use crate::hv::synic::{HvMessageType, consume_message};
-use crate::memory::PageArena;
+use crate::memory::{MONITOR_TRIGGER_GROUP_OFFSET, PageArena};
 use crate::protocol::parse::peek_type;
 use crate::protocol::{MAX_MESSAGE_SIZE, MessageType, VMBUS_MESSAGE_SINT};
 
@@ -110,6 +110,10 @@ struct GlueState {
     auto_open: BTreeSet<u32>,
     /// The host's ends of open channels, by relid.
     endpoints: BTreeMap<u32, EndpointSlot>,
+    /// monitor id → relid of the monitored channels.
+    monitored: BTreeMap<u8, u32>,
+    /// The guest's monitor page 2 (child → parent), from INITIATE_CONTACT.
+    monitor_page2: Option<u64>,
 }
 
 /// A VMBus host ([`Server`]) and a simulated hypervisor wired together for a guest [`Connection`]: see the
@@ -161,6 +165,8 @@ impl LoopbackBus {
                 event_ports: BTreeMap::new(),
                 auto_open: BTreeSet::new(),
                 endpoints: BTreeMap::new(),
+                monitored: BTreeMap::new(),
+                monitor_page2: None,
             }),
         }
     }
@@ -233,15 +239,44 @@ impl LoopbackBus {
         self.glue.lock().endpoints.get_mut(&relid)?.endpoint.take()
     }
 
-    /// The channels the guest signalled since the last call (HvSignalEvent on their offers' connection ids), in
-    /// ascending relid order: which rings the host should look at.
+    /// The channels the guest signalled since the last call, in ascending relid order: which rings the host should
+    /// look at. A channel counts as signalled when the guest called HvSignalEvent on its offer's connection id, or
+    /// — for a monitored channel on a bus with memory — set its pending bit in monitor page 2 (§9), which this
+    /// test-and-clears as the host's monitor scan does.
     pub fn take_signalled_channels(&self) -> Vec<u32> {
         let glue = self.glue.lock();
-        glue.event_ports
+        let mut relids: Vec<u32> = glue
+            .event_ports
             .iter()
             .filter(|&(_, &connection_id)| !self.hypervisor.host_take_events(connection_id).is_empty())
             .map(|(&relid, _)| relid)
-            .collect()
+            .collect();
+        if let (Some(memory), Some(page2)) = (self.memory.as_ref(), glue.monitor_page2)
+            && !glue.monitored.is_empty()
+        {
+            let mut groups = 0u8;
+            for &monitor_id in glue.monitored.keys() {
+                groups |= 1 << (monitor_id / 32);
+            }
+            for group in (0..4u8).filter(|group| groups & (1 << group) != 0) {
+                let gpa = page2 + MONITOR_TRIGGER_GROUP_OFFSET + u64::from(group) * 8;
+                // `pending` is the low half of the group's word, `armed` the high half.
+                let Ok(word) = memory.fetch_clear_word(gpa, u64::from(u32::MAX)) else {
+                    continue;
+                };
+                let mut pending = word as u32;
+                while pending != 0 {
+                    let monitor_id = group * 32 + pending.trailing_zeros() as u8;
+                    pending &= pending - 1;
+                    if let Some(&relid) = glue.monitored.get(&monitor_id) {
+                        relids.push(relid);
+                    }
+                }
+            }
+            relids.sort_unstable();
+            relids.dedup();
+        }
+        relids
     }
 
     /// The guest's side of a host signal, for tests: test-and-clears every flag set in SINT 2's event flags (as the
@@ -418,6 +453,9 @@ impl LoopbackBus {
                 glue.event_ports.insert(relid, channel.connection_id);
             }
         }
+        glue.monitored =
+            server.relids().filter_map(|relid| Some((server.channel(relid)?.monitor_id?, relid))).collect();
+        glue.monitor_page2 = server.connection().and_then(|connection| connection.monitor_pages).map(|pages| pages.1);
     }
 }
 
