@@ -396,3 +396,95 @@ impl ReceivedPacket {
         crate::ring::GpaDirectRanges::parse(&self.header_extension)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PageArena;
+    use crate::protocol::USER_DEFINED_SIZE;
+    use crate::ring::{ControlField, PacketType, RingMemory, initialize_control_page};
+    use core::cell::RefCell;
+
+    /// Records the relids signalled.
+    #[derive(Default)]
+    struct Signals(RefCell<Vec<u32>>);
+
+    impl GuestSignal for Signals {
+        fn signal_guest(&self, relid: u32) -> Result<(), HvError> {
+            self.0.borrow_mut().push(relid);
+            Ok(())
+        }
+    }
+
+    fn info(pfns: Vec<u64>, split: u32) -> OpenChannelInfo {
+        OpenChannelInfo {
+            relid: 3,
+            open_id: 4,
+            ring_gpadl: 5,
+            target_vp: 0,
+            downstream_page_offset: split,
+            user_data: [0; USER_DEFINED_SIZE],
+            ring_pfns: pfns,
+        }
+    }
+
+    /// An arena with both rings of a channel initialised as the guest does: pages 0x10..0x14, split at 2.
+    fn arena() -> PageArena {
+        let arena = PageArena::new(0x10, 8);
+        initialize_control_page(&arena.ring(&[0x10, 0x11]).unwrap());
+        initialize_control_page(&arena.ring(&[0x12, 0x13]).unwrap());
+        arena
+    }
+
+    #[test]
+    fn construction_refuses_what_cannot_be_a_pair_of_rings() {
+        let arena = arena();
+        let endpoint = ServerEndpoint::new(&info(alloc::vec![0x10, 0x11, 0x12, 0x13], 2), arena.clone()).unwrap();
+        assert_eq!((endpoint.relid(), endpoint.open_id(), endpoint.ring_gpadl()), (3, 4, 5));
+        let error = |pfns: Vec<u64>, split| ServerEndpoint::new(&info(pfns, split), arena.clone()).err();
+        assert_eq!(error(alloc::vec![0x10, 0x11, 0x10, 0x13], 2), Some(EndpointError::OverlappingRings { pfn: 0x10 }));
+        assert_eq!(
+            error(alloc::vec![0x10, 0x11, 0x12, 0x13], 1),
+            Some(EndpointError::Memory(MemoryError::BadRingLength { pages: 1 }))
+        );
+        assert_eq!(
+            error(alloc::vec![0x10, 0x11, 0x12, 0x13], 9),
+            Some(EndpointError::Memory(MemoryError::BadRingLength { pages: 0 })),
+            "an inconsistent split is no panic"
+        );
+        assert!(matches!(error(alloc::vec![0x17, 0x18, 0x12, 0x13], 2), Some(EndpointError::Memory(_))));
+        // A guest that left garbage in a control page before opening.
+        arena.ring(&[0x12, 0x13]).unwrap().store_control(ControlField::ReadIndex, 4097);
+        assert_eq!(
+            error(alloc::vec![0x10, 0x11, 0x12, 0x13], 2),
+            Some(EndpointError::Ring(RingError::InvalidIndex { field: ControlField::ReadIndex, value: 4097 }))
+        );
+    }
+
+    #[test]
+    fn the_host_side_is_the_reader_of_the_first_ring_and_the_writer_of_the_second() {
+        let arena = arena();
+        let signals = Signals::default();
+        let mut endpoint = ServerEndpoint::new(&info(alloc::vec![0x10, 0x11, 0x12, 0x13], 2), arena.clone()).unwrap();
+        let _ = endpoint.send_in_band(1, b"down", false, &signals).unwrap();
+        assert_eq!(*signals.0.borrow(), [3]);
+        let down = arena.ring(&[0x12, 0x13]).unwrap();
+        assert_eq!(down.load_control(ControlField::WriteIndex), 32, "16 + 8 + trailer in the second ring");
+        let mut guest = RingWriter::new(arena.ring(&[0x10, 0x11]).unwrap()).unwrap();
+        let _ = guest.write(&OutgoingPacket::in_band(2, b"up")).unwrap();
+        let mut packets = Vec::new();
+        let report = endpoint.receive_owned(&signals, &mut packets).unwrap();
+        assert_eq!(report, ReceiveReport { packets: 1, signalled: false });
+        assert_eq!(packets[0].transaction_id, 2);
+        assert_eq!(
+            packets[0].gpa_direct().err(),
+            Some(RingError::WrongPacketType { actual: PacketType::DATA_IN_BAND })
+        );
+
+        let closer = endpoint.closer();
+        assert!(!endpoint.is_closed());
+        closer.close();
+        assert_eq!(endpoint.send_completion(2, &[], &signals), Err(EndpointError::Closed));
+        assert_eq!(endpoint.available(), Err(EndpointError::Closed));
+    }
+}
