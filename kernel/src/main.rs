@@ -4,7 +4,8 @@
 //! the command line (see [`cmdline`]): `mode=test` runs the in-kernel tests, `mode=panic` panics on purpose (the boot
 //! tests check that a panic fails a run), `mode=fault` writes to an unmapped page on purpose (the boot tests check
 //! the exception report), `mode=stack-overflow` overflows the kernel stack (the double-fault handler must report it
-//! from its own IST stack), and no mode runs the main job.
+//! from its own IST stack), `mode=poweroff` and `mode=restart` leave the hypervisor clean and power off (ACPI S5) or
+//! reset the machine (see [`arch::power`]), and no mode runs the main job.
 #![no_std]
 #![no_main]
 #![feature(abi_x86_interrupt)]
@@ -93,6 +94,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
                 arch::interrupts::KTESTS,
                 arch::apic::KTESTS,
                 time::KTESTS,
+                arch::acpi::KTESTS,
                 console::framebuffer::KTESTS,
                 hyperv::KTESTS,
                 bus::KTESTS,
@@ -100,6 +102,8 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
             cmdline.get("filter"),
         ),
         Some("panic") => panic!("panic requested by the command line"),
+        Some("poweroff") => arch::power::shutdown(arch::power::PowerAction::PowerOff, hyperv::teardown),
+        Some("restart") => arch::power::shutdown(arch::power::PowerAction::Restart, hyperv::teardown),
         Some("fault") => provoke_page_fault(),
         Some("stack-overflow") => {
             log::info!("mode=stack-overflow: recursing until the stack's guard page");

@@ -1,5 +1,5 @@
 //! x86_64 CPU bring-up: descriptor tables, exceptions and interrupt dispatch, the local APIC, the legacy PICs, and
-//! the reference timers (ACPI PM timer, PIT) that calibrate the clock.
+//! the reference timers (ACPI PM timer, PIT) that calibrate the clock, and power-off and restart.
 //!
 //! Only the bootstrap processor is brought up. The unsafe code here is confined to register access: MSRs, port I/O,
 //! the xAPIC page, descriptor-table loads, and firmware-table reads.
@@ -10,6 +10,7 @@ pub mod gdt;
 pub mod interrupts;
 pub mod pic;
 pub mod pit;
+pub mod power;
 
 /// Loads the GDT/TSS and the IDT. Call first thing at boot so every later fault is reported.
 pub fn init_cpu_tables() {
