@@ -117,11 +117,25 @@
 //! | `HANDLE` (user mode, per process) | [`Handle<T>`], [`RawHandle`]; the process is a [`ContextId`] | **done**: [`handle`] |
 //! | `HANDLE` (kernel) | [`KernelHandle`] | **done**: [`handle`] |
 
+pub mod api;
+pub mod bus;
+pub mod channel;
+pub mod gpadl;
 pub mod handle;
+pub mod packet;
+mod slots;
 pub mod status;
+
+#[cfg(test)]
+mod tests;
 
 pub use handle::{
     ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle,
     VmbusPartition,
 };
+pub use api::Kmcl;
+pub use bus::{Bus, BusStats, RingAllocator};
+pub use channel::{ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, TargetInterface};
+pub use gpadl::{GpadlFlags, GpadlHandle, PhysicalBuffer};
+pub use packet::{CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags};
 pub use status::{NtStatus, Result, Severity};

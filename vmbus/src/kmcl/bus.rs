@@ -1,0 +1,1608 @@
+//! The KMCL bus: owns the VMBus [`Connection`], the platform's [`InterruptPages`] and a [`RingAllocator`], keeps the
+//! table of KMCL channels, implements [`Kmcl`] and dispatches interrupts and control messages to the drivers'
+//! callbacks.
+//!
+//! Implements `kmcl-api.md` §Client interface, §Callbacks and §Lifecycle over the guest's control protocol
+//! (`hyperv-vmbus.md` §5) and rings (§6).
+//!
+//! # Dispatch
+//! The kernel calls [`Bus::process_interrupt`] from its VMBus interrupt with the relids whose event flags were set,
+//! and [`Bus::poll`] whenever it wants control messages (offers, rescinds) handled. Both drain the rings of the
+//! channels concerned: completions are matched to sent packets by transaction id and run their completion routines;
+//! data packets go to `process_packet` in order, as long as the channel is started, its transaction quota allows and
+//! no callback of the same channel is running (packets are queued meanwhile and delivered when it returns); when a
+//! ring went from non-empty to empty, `processing_complete` follows.
+//!
+//! # Waiting
+//! The unikernel has one thread per VP and no scheduler under this layer, so a synchronous request (or a blocking
+//! control request such as a GPADL) waits by polling: it drains the channel's incoming ring (completions are matched,
+//! other packets queued), looks at control messages, runs the idle hook ([`Bus::set_idle_hook`]) and calls
+//! [`VmbusTransport::wait`]. Time limits use [`VmbusTransport::now_ns`].
+//!
+//! # What the host may do
+//! Everything that comes from the host is checked: a completion whose transaction id matches nothing, a packet larger
+//! than the channel's maximum, a completion larger than the maximum packet size, a corrupt ring — each is counted in
+//! [`BusStats`] (and a corrupt ring stops the channel's queue); none panics.
+
+use super::api::Kmcl;
+use super::channel::{
+    ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, MAX_CLIENT_CONTEXT_SIZE,
+    MAX_EXTERNAL_CHAIN_LENGTH, MAX_PACKET_SIZE_LIMIT, MAX_RING_PAGES, TargetInterface,
+};
+use super::gpadl::{GpadlFlags, GpadlHandle, PhysicalBuffer};
+use super::packet::{
+    CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags, sizeof_packet,
+};
+use super::slots::Slots;
+use super::status::{NtStatus, Result};
+use crate::channel::{Channel, ChannelError, ChannelRings, InterruptPages};
+use crate::client::{ClientError, Connection, Event, Offer, VmbusTransport};
+use crate::protocol::{Guid, OfferFlags};
+use crate::ring::{
+    IncomingPacket, OutgoingGpaRange, OutgoingKind, OutgoingPacket, PacketFlags, PacketType, RingError, RingMemory,
+    SpaceRequest,
+};
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Where channel rings come from: the kernel implements it over its contiguous heap, tests over shared
+/// [`crate::ring::OwnedRingMemory`] so they can play the host's end of both rings.
+pub trait RingAllocator {
+    /// The memory of one ring.
+    type Memory: RingMemory;
+    /// What keeps the pages allocated until [`RingAllocator::release`] (the kernel's lease of heap pages).
+    type Lease;
+
+    /// Allocates a channel's two rings of `outgoing_pages` and `incoming_pages` pages (control page included).
+    /// [`NtStatus::INSUFFICIENT_RESOURCES`] (or another status) when it cannot.
+    fn allocate(&self, outgoing_pages: u32, incoming_pages: u32) -> Result<(ChannelRings<Self::Memory>, Self::Lease)>;
+
+    /// Gives the pages back. `host_released` is false when the host did not confirm the ring GPADL's teardown: it
+    /// may still write the pages, so they must never be reused.
+    fn release(&self, lease: Self::Lease, host_released: bool);
+}
+
+/// Data packets held per channel (read from the ring, not yet delivered) before the bus stops reading that ring; the
+/// rest waits in the ring, where it holds back the host.
+pub const BACKLOG_LIMIT: usize = 1024;
+
+/// Longest friendly name accepted, in bytes.
+pub const MAX_FRIENDLY_NAME_LEN: usize = 256;
+
+/// What the bus saw go wrong (or delivered); every host misbehaviour is counted here instead of panicking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Data packets handed to `process_packet`.
+    pub delivered: u64,
+    /// Completions whose transaction id matched nothing outstanding (a lying or confused host), dropped.
+    pub unknown_completions: u64,
+    /// Completions of synchronous requests that had been cancelled (timed out), dropped.
+    pub late_completions: u64,
+    /// Data packets above the channel's maximum packet size or external-data limits, dropped.
+    pub oversized_packets: u64,
+    /// Completions above the maximum packet size, cut (their routine saw [`NtStatus::BUFFER_OVERFLOW`]).
+    pub oversized_completions: u64,
+    /// Packets of a type a client does not take, or with a malformed header, dropped.
+    pub unexpected_packets: u64,
+    /// Ring errors (a corrupt ring stops the channel's incoming queue).
+    pub ring_errors: u64,
+    /// GPADLs the driver left at its `closed` callback, deleted by the bus.
+    pub leaked_gpadls: u64,
+    /// Signals to the host that failed (the packet was in the ring).
+    pub signal_errors: u64,
+}
+
+/// A packet copied out of the ring.
+struct Received {
+    transaction_id: u64,
+    completion_requested: bool,
+    payload: Vec<u8>,
+    external: Vec<ExternalRange>,
+}
+
+/// What the ring held.
+enum Copied {
+    Completion { transaction_id: u64, payload: Vec<u8> },
+    Data(Received),
+    Dropped,
+}
+
+/// Who waits for a transaction id's completion.
+enum Waiter {
+    /// A sent packet with `WAIT_FOR_COMPLETION`.
+    Packet { index: u32, generation: u32 },
+    /// A synchronous request still waiting.
+    SyncWaiting,
+    /// A synchronous request whose completion arrived.
+    SyncDone(Vec<u8>),
+    /// A synchronous request given up (timed out): its completion is dropped when it comes.
+    SyncAbandoned,
+}
+
+/// A packet's completion routine slot.
+enum Routine {
+    /// `packet_initialize`: must be set before sending.
+    Unset,
+    /// `packet_allocate`'s default: free the packet.
+    FreeOnCompletion,
+    /// The driver's routine.
+    Custom(CompletionRoutine),
+    /// Taken out while it runs.
+    Running,
+}
+
+/// An outgoing packet object.
+struct SentPacket {
+    memory: Option<Box<[u8]>>,
+    from_pool: bool,
+    routine: Routine,
+    pointer: Option<Context>,
+    in_flight: bool,
+}
+
+/// An incoming packet delivered and not yet completed.
+struct IncomingRecord {
+    transaction_id: u64,
+    completion_requested: bool,
+    external: Vec<ExternalRange>,
+    client_context: Vec<u8>,
+}
+
+/// A packet waiting for ring space.
+struct QueuedSend {
+    transaction_id: u64,
+    payload: Vec<u8>,
+    external: Vec<ExternalRange>,
+    completion_requested: bool,
+    is_completion: bool,
+    /// The packet whose routine runs once this is in the ring (sends without `WAIT_FOR_COMPLETION`).
+    notify: Option<(u32, u32)>,
+}
+
+/// An open channel's rings and what keeps their pages.
+struct OpenRings<M: RingMemory, L> {
+    channel: Channel<M>,
+    lease: L,
+}
+
+/// One KMCL channel.
+struct KmclChannel<M: RingMemory, L> {
+    state: ChannelState,
+    settings: ChannelSettings,
+    callbacks: Option<Box<dyn ChannelCallbacks>>,
+    pointer: Option<Context>,
+    offer: Option<Offer>,
+    open: Option<OpenRings<M, L>>,
+    next_transaction_id: u64,
+    outstanding: BTreeMap<u64, Waiter>,
+    send_queue: VecDeque<QueuedSend>,
+    backlog: VecDeque<Received>,
+    incoming: Slots<IncomingRecord>,
+    packets: Slots<SentPacket>,
+    pool: Vec<Box<[u8]>>,
+    pool_in_use: u32,
+    gpadls: Vec<(u32, GpadlFlags)>,
+    queue_stopped: bool,
+    rescinded: bool,
+    closing: bool,
+    needs_run: bool,
+}
+
+impl<M: RingMemory, L> KmclChannel<M, L> {
+    fn new() -> Self {
+        KmclChannel {
+            state: ChannelState::Disabled,
+            settings: ChannelSettings::default(),
+            callbacks: None,
+            pointer: None,
+            offer: None,
+            open: None,
+            next_transaction_id: 1,
+            outstanding: BTreeMap::new(),
+            send_queue: VecDeque::new(),
+            backlog: VecDeque::new(),
+            incoming: Slots::new(),
+            packets: Slots::new(),
+            pool: Vec::new(),
+            pool_in_use: 0,
+            gpadls: Vec::new(),
+            queue_stopped: false,
+            rescinded: false,
+            closing: false,
+            needs_run: false,
+        }
+    }
+
+    fn take_transaction_id(&mut self) -> u64 {
+        let id = self.next_transaction_id;
+        self.next_transaction_id = self.next_transaction_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn relid(&self) -> Option<u32> {
+        self.offer.as_ref().map(|offer| offer.child_relid)
+    }
+
+    /// Open and not going away: packets may be sent.
+    fn removed(&self) -> bool {
+        self.rescinded || self.closing || self.state == ChannelState::Closed
+    }
+
+    fn external_fits(&self, external: &[ExternalRange]) -> bool {
+        if external.is_empty() {
+            return true;
+        }
+        let (max_bytes, max_chain) = self.settings.maximum_external_data;
+        let bytes: u64 = external.iter().map(|r| u64::from(r.byte_count)).sum();
+        let pages: u64 = external.iter().map(|r| r.pfns.len() as u64).sum();
+        external.iter().all(ExternalRange::is_well_formed)
+            && bytes <= u64::from(max_bytes)
+            && pages <= u64::from(max_chain)
+    }
+}
+
+/// The KMCL bus of one VMBus connection (see the module documentation).
+pub struct Bus<T: VmbusTransport, P: InterruptPages, A: RingAllocator> {
+    connection: Connection<T>,
+    pages: P,
+    allocator: A,
+    channels: Slots<KmclChannel<A::Memory, A::Lease>>,
+    stats: BusStats,
+    idle_hook: Option<Box<dyn FnMut() + Send>>,
+    pending_events: VecDeque<Event>,
+    depth: u32,
+}
+
+/// The status a failed control request becomes.
+fn client_status(error: &ClientError) -> NtStatus {
+    match error {
+        ClientError::Timeout { .. } => NtStatus::IO_TIMEOUT,
+        ClientError::Rescinded(_) | ClientError::UnknownChannel(_) => NtStatus::DEVICE_REMOVED,
+        ClientError::Unloaded => NtStatus::DEVICE_NOT_CONNECTED,
+        ClientError::Gpadl(_) | ClientError::UserDataTooLong(_) => NtStatus::INVALID_PARAMETER,
+        ClientError::InvalidState(_) | ClientError::UnknownGpadl(_) => NtStatus::INVALID_DEVICE_STATE,
+        ClientError::NotSupported { .. } => NtStatus::NOT_SUPPORTED,
+        _ => NtStatus::UNSUCCESSFUL,
+    }
+}
+
+/// The status a failed channel operation becomes.
+fn channel_status(error: &ChannelError) -> NtStatus {
+    match error {
+        ChannelError::Client(e) => client_status(e),
+        ChannelError::RingLayout => NtStatus::INVALID_PARAMETER,
+        ChannelError::Ring(RingError::PacketTooLarge { .. }) => NtStatus::INVALID_BUFFER_SIZE,
+        ChannelError::Ring(_) | ChannelError::Signal(_) => NtStatus::UNSUCCESSFUL,
+    }
+}
+
+/// Copies one packet out of the ring.
+fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
+    let mut payload = vec![0u8; packet.payload_len()];
+    if packet.read_payload(&mut payload).is_err() {
+        return Copied::Dropped;
+    }
+    let transaction_id = packet.transaction_id();
+    match packet.packet_type() {
+        PacketType::COMPLETION => Copied::Completion { transaction_id, payload },
+        PacketType::DATA_IN_BAND | PacketType::DATA_USING_TRANSFER_PAGES => Copied::Data(Received {
+            transaction_id,
+            completion_requested: packet.completion_requested(),
+            payload,
+            external: Vec::new(),
+        }),
+        PacketType::DATA_USING_GPA_DIRECT => {
+            let mut scratch = vec![0u8; packet.header_extension_len()];
+            let Ok(ranges) = packet.gpa_direct(&mut scratch) else {
+                return Copied::Dropped;
+            };
+            let external = ranges
+                .iter()
+                .map(|r| ExternalRange {
+                    byte_offset: r.byte_offset,
+                    byte_count: r.byte_count,
+                    pfns: r.pfns.iter().collect(),
+                })
+                .collect();
+            Copied::Data(Received {
+                transaction_id,
+                completion_requested: packet.completion_requested(),
+                payload,
+                external,
+            })
+        }
+        _ => Copied::Dropped,
+    }
+}
+
+/// Writes one packet into an open channel's outgoing ring.
+#[allow(clippy::too_many_arguments)]
+fn write_packet<M: RingMemory, T: VmbusTransport, P: InterruptPages>(
+    channel: &mut Channel<M>,
+    connection: &Connection<T>,
+    pages: &P,
+    transaction_id: u64,
+    payload: &[u8],
+    external: &[ExternalRange],
+    completion_requested: bool,
+    is_completion: bool,
+) -> core::result::Result<(), ChannelError> {
+    let ranges: Vec<OutgoingGpaRange<'_>> = external
+        .iter()
+        .map(|r| OutgoingGpaRange { byte_count: r.byte_count, byte_offset: r.byte_offset, pfns: &r.pfns })
+        .collect();
+    let kind = if is_completion {
+        OutgoingKind::Completion
+    } else if ranges.is_empty() {
+        OutgoingKind::InBand
+    } else {
+        OutgoingKind::GpaDirect(&ranges)
+    };
+    let flags = if completion_requested { PacketFlags::COMPLETION_REQUESTED } else { PacketFlags::NONE };
+    let packet = OutgoingPacket { kind, flags, transaction_id, payload };
+    channel.send(&packet, connection.transport(), pages).map(|_| ())
+}
+
+/// What an attempt to write now gave.
+enum Written {
+    Now,
+    Full { needed: u32 },
+}
+
+impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
+    /// A bus over a connected `connection` (whose offers were requested: channels bind to the offers it knows and to
+    /// those that arrive later), the platform's interrupt pages and a ring allocator.
+    pub fn new(connection: Connection<T>, pages: P, allocator: A) -> Self {
+        Bus {
+            connection,
+            pages,
+            allocator,
+            channels: Slots::new(),
+            stats: BusStats::default(),
+            idle_hook: None,
+            pending_events: VecDeque::new(),
+            depth: 0,
+        }
+    }
+
+    /// The VMBus connection.
+    pub fn connection(&self) -> &Connection<T> {
+        &self.connection
+    }
+
+    /// The VMBus connection, mutably (for requests outside KMCL, such as unload).
+    pub fn connection_mut(&mut self) -> &mut Connection<T> {
+        &mut self.connection
+    }
+
+    /// The platform's interrupt pages.
+    pub fn pages(&self) -> &P {
+        &self.pages
+    }
+
+    /// The ring allocator.
+    pub fn allocator(&self) -> &A {
+        &self.allocator
+    }
+
+    /// What the bus counted.
+    pub fn stats(&self) -> BusStats {
+        self.stats
+    }
+
+    /// Number of KMCL channels allocated and not cleaned up.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// The relid of the offer a channel is bound to.
+    pub fn channel_relid(&self, channel: ChannelHandle) -> Result<u32> {
+        self.chan(channel)?.relid().ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    /// Runs `hook` each time a synchronous wait finds nothing to do, before [`VmbusTransport::wait`] (tests play the
+    /// host there; a kernel could run deferred work).
+    pub fn set_idle_hook(&mut self, hook: Option<Box<dyn FnMut() + Send>>) {
+        self.idle_hook = hook;
+    }
+
+    /// Handles control messages (offers bind enabled channels, rescinds close channels) and drains every open
+    /// channel's rings. Returns the packets delivered to `process_packet`.
+    pub fn poll(&mut self) -> u64 {
+        let before = self.stats.delivered;
+        self.pump_control();
+        if self.depth == 0 {
+            self.handle_events();
+            for (index, generation) in self.channels.keys() {
+                self.try_bind(ChannelHandle { index, generation });
+            }
+        }
+        for (index, generation) in self.channels.keys() {
+            self.run_channel(ChannelHandle { index, generation });
+        }
+        self.run_pending();
+        self.stats.delivered - before
+    }
+
+    /// The VMBus interrupt: drains the rings of the channels whose relids had their event flag set, then handles
+    /// control messages. Returns the packets delivered to `process_packet`.
+    pub fn process_interrupt(&mut self, relids: &[u32]) -> u64 {
+        let before = self.stats.delivered;
+        for &relid in relids {
+            if let Some(channel) = self.find_relid(relid) {
+                self.run_channel(channel);
+            }
+        }
+        self.pump_control();
+        if self.depth == 0 {
+            self.handle_events();
+        }
+        self.run_pending();
+        self.stats.delivered - before
+    }
+
+    fn find_relid(&self, relid: u32) -> Option<ChannelHandle> {
+        self.channels.keys().into_iter().map(|(index, generation)| ChannelHandle { index, generation }).find(|handle| {
+            self.channels
+                .get(handle.index, handle.generation)
+                .is_some_and(|c| c.open.is_some() && c.relid() == Some(relid))
+        })
+    }
+
+    fn chan(&self, channel: ChannelHandle) -> Result<&KmclChannel<A::Memory, A::Lease>> {
+        self.channels.get(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    fn chan_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<A::Memory, A::Lease>> {
+        self.channels.get_mut(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    /// The channel, if it is disabled (the only state the `InitSet*` functions accept).
+    fn disabled_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<A::Memory, A::Lease>> {
+        let c = self.chan_mut(channel)?;
+        if c.state == ChannelState::Disabled { Ok(c) } else { Err(NtStatus::INVALID_PARAMETER_1) }
+    }
+
+    /// Calls one of the channel's callbacks with the bus as its [`Kmcl`]; `None` when the channel has no callbacks
+    /// or one of them is already running.
+    fn call<R>(
+        &mut self,
+        channel: ChannelHandle,
+        f: impl FnOnce(&mut dyn ChannelCallbacks, &mut dyn Kmcl) -> R,
+    ) -> Option<R> {
+        let mut callbacks = self.chan_mut(channel).ok()?.callbacks.take()?;
+        self.depth += 1;
+        let result = f(&mut *callbacks, self);
+        self.depth -= 1;
+        if let Ok(c) = self.chan_mut(channel) {
+            c.callbacks = Some(callbacks);
+        }
+        Some(result)
+    }
+
+    /// Takes the host's control messages; marks rescinded channels at once (so waits end) and keeps the events for
+    /// [`Self::handle_events`].
+    fn pump_control(&mut self) {
+        while let Some(event) = self.connection.poll() {
+            if let Event::Rescinded(relid) = event
+                && let Some(channel) = self.find_relid(relid)
+                && let Ok(c) = self.chan_mut(channel)
+            {
+                c.rescinded = true;
+            }
+            self.pending_events.push_back(event);
+        }
+    }
+
+    /// Acts on control events (outside any callback).
+    fn handle_events(&mut self) {
+        while let Some(event) = self.pending_events.pop_front() {
+            match event {
+                Event::Offered(_) => {
+                    for (index, generation) in self.channels.keys() {
+                        self.try_bind(ChannelHandle { index, generation });
+                    }
+                }
+                Event::Rescinded(relid) => {
+                    if let Some(channel) = self.find_relid(relid) {
+                        let was_active = self.chan(channel).is_ok_and(|c| c.state == ChannelState::Active);
+                        self.teardown(channel, was_active, ChannelState::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds an enabled channel to a matching free offer and runs the open sequence.
+    fn try_bind(&mut self, channel: ChannelHandle) {
+        let Ok(c) = self.chan(channel) else { return };
+        if c.state != ChannelState::Enabled {
+            return;
+        }
+        let Some(target) = c.settings.target else { return };
+        let pipe = c.settings.flags.contains(ChannelInitFlags::IS_PIPE);
+        let (outgoing_pages, incoming_pages) = c.settings.ring_page_counts();
+        let claimed: Vec<u32> =
+            self.channels.keys().iter().filter_map(|&(i, g)| self.channels.get(i, g)?.relid()).collect();
+        let offer = self
+            .connection
+            .offers()
+            .find(|o| {
+                target.matches(&o.interface_type, &o.interface_instance)
+                    && !claimed.contains(&o.child_relid)
+                    && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
+            })
+            .cloned();
+        let Some(offer) = offer else { return };
+        let relid = offer.child_relid;
+        let (rings, lease) = match self.allocator.allocate(outgoing_pages, incoming_pages) {
+            Ok(allocated) => allocated,
+            Err(status) => return self.fail_open(channel, status),
+        };
+        let open = match Channel::open(&mut self.connection, relid, rings, 0, &[]) {
+            Ok(open) => open,
+            Err(error) => {
+                // Channel::open tears its GPADL down on failure; only then are the pages surely the guest's again.
+                let released = matches!(
+                    error,
+                    ChannelError::RingLayout | ChannelError::Client(ClientError::GpadlCreationFailed(_))
+                );
+                self.allocator.release(lease, released);
+                return self.fail_open(channel, channel_status(&error));
+            }
+        };
+        let name = match self.chan_mut(channel) {
+            Ok(c) => {
+                c.open = Some(OpenRings { channel: open, lease });
+                c.offer = Some(offer);
+                c.state = ChannelState::Opened;
+                c.settings.friendly_name.clone()
+            }
+            Err(_) => return,
+        };
+        log::debug!("kmcl: channel {channel:?} '{name}' bound to relid {relid}");
+        if let Some(Err(status)) = self.call(channel, |cb, kmcl| cb.opened(kmcl, channel)) {
+            log::warn!("kmcl: channel {channel:?} '{name}' refused to open: {status}");
+            self.close_rings(channel);
+            if let Ok(c) = self.chan_mut(channel) {
+                c.state = ChannelState::Closed;
+            }
+            return;
+        }
+        self.start_sequence(channel);
+    }
+
+    fn fail_open(&mut self, channel: ChannelHandle, status: NtStatus) {
+        if let Ok(c) = self.chan_mut(channel) {
+            c.state = ChannelState::Closed;
+        }
+        log::warn!("kmcl: channel {channel:?} could not be opened: {status}");
+        self.call(channel, |cb, kmcl| cb.pnp_failure(kmcl, channel, status));
+    }
+
+    /// Started → the queue runs → PostStarted → the queue runs again (packets that came during PostStarted).
+    fn start_sequence(&mut self, channel: ChannelHandle) {
+        if let Ok(c) = self.chan_mut(channel) {
+            c.state = ChannelState::Active;
+        }
+        self.call(channel, |cb, kmcl| cb.started(kmcl, channel));
+        self.run_channel(channel);
+        self.call(channel, |cb, kmcl| cb.post_started(kmcl, channel));
+        self.run_channel(channel);
+    }
+
+    /// Closes the VMBus channel and gives the ring pages back.
+    fn close_rings(&mut self, channel: ChannelHandle) {
+        let Ok(c) = self.chan_mut(channel) else { return };
+        let rescinded = c.rescinded;
+        let relid = c.relid();
+        let Some(open) = c.open.take() else { return };
+        let closed = open.channel.close(&mut self.connection);
+        if let Err(error) = &closed {
+            log::warn!("kmcl: closing {channel:?}: {error}");
+        }
+        self.allocator.release(open.lease, closed.is_ok());
+        if rescinded
+            && let Some(relid) = relid
+            && let Err(error) = self.connection.release_channel(relid)
+        {
+            log::warn!("kmcl: releasing rescinded relid {relid}: {error}");
+        }
+        if let Ok(c) = self.chan_mut(channel) {
+            c.offer = None;
+            c.rescinded = false;
+        }
+    }
+
+    /// Suspend (if `suspend`) → sends cancelled → Closed → leftover GPADLs deleted → CLOSECHANNEL and ring teardown
+    /// → `final_state`.
+    fn teardown(&mut self, channel: ChannelHandle, suspend: bool, final_state: ChannelState) {
+        if suspend {
+            self.call(channel, |cb, kmcl| cb.suspend(kmcl, channel));
+        }
+        let Ok(c) = self.chan_mut(channel) else { return };
+        c.closing = true;
+        let outstanding = core::mem::take(&mut c.outstanding);
+        let queued = core::mem::take(&mut c.send_queue);
+        c.backlog.clear();
+        c.incoming.drain();
+        for waiter in outstanding.into_values() {
+            if let Waiter::Packet { index, generation } = waiter {
+                self.complete_sent(channel, index, generation, NtStatus::CANCELLED, &[]);
+            }
+        }
+        for send in queued {
+            if let Some((index, generation)) = send.notify {
+                self.complete_sent(channel, index, generation, NtStatus::CANCELLED, &[]);
+            }
+        }
+        self.call(channel, |cb, kmcl| cb.closed(kmcl, channel));
+        let Ok(c) = self.chan_mut(channel) else { return };
+        let leftover = core::mem::take(&mut c.gpadls);
+        let relid = c.relid();
+        for (id, _) in leftover {
+            self.stats.leaked_gpadls += 1;
+            log::warn!("kmcl: {channel:?} left GPADL {id:#x} at its closed callback; deleting it");
+            if let Some(relid) = relid
+                && let Err(error) = self.connection.teardown_gpadl(relid, crate::client::GpadlId(id))
+            {
+                log::warn!("kmcl: deleting GPADL {id:#x}: {error}");
+            }
+        }
+        self.close_rings(channel);
+        if let Ok(c) = self.chan_mut(channel) {
+            c.closing = false;
+            c.queue_stopped = false;
+            c.state = final_state;
+        }
+    }
+
+    /// Whether the next backlog packet may go to `process_packet` now.
+    fn can_deliver(&self, channel: ChannelHandle) -> bool {
+        self.chan(channel).is_ok_and(|c| {
+            c.state == ChannelState::Active
+                && !c.queue_stopped
+                && !c.removed()
+                && c.callbacks.is_some()
+                && !c.backlog.is_empty()
+                && (c.settings.transaction_quota == 0 || c.incoming.len() < c.settings.transaction_quota as usize)
+        })
+    }
+
+    /// Runs a channel's queues: pending sends, the incoming ring, delivery; `processing_complete` when the ring was
+    /// emptied after deliveries.
+    fn run_channel(&mut self, channel: ChannelHandle) {
+        let mut delivered = 0u32;
+        loop {
+            let Ok(c) = self.chan_mut(channel) else { return };
+            c.needs_run = false;
+            if c.open.is_none() {
+                return;
+            }
+            self.flush_send_queue(channel);
+            let read = self.read_ring(channel);
+            let mut progressed = false;
+            while self.can_deliver(channel) {
+                let Some(received) = self.chan_mut(channel).ok().and_then(|c| c.backlog.pop_front()) else { break };
+                self.deliver(channel, received);
+                delivered += 1;
+                progressed = true;
+            }
+            if !progressed && read == 0 {
+                break;
+            }
+        }
+        let emptied = self.chan(channel).is_ok_and(|c| c.backlog.is_empty() && c.state == ChannelState::Active);
+        if delivered > 0 && emptied {
+            self.call(channel, |cb, kmcl| cb.processing_complete(kmcl, channel, delivered));
+        }
+    }
+
+    /// Runs the channels whose queues were restarted from inside a callback.
+    fn run_pending(&mut self) {
+        if self.depth != 0 {
+            return;
+        }
+        for _ in 0..64 {
+            let pending: Vec<ChannelHandle> = self
+                .channels
+                .keys()
+                .into_iter()
+                .map(|(index, generation)| ChannelHandle { index, generation })
+                .filter(|h| self.chan(*h).is_ok_and(|c| c.needs_run))
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            for channel in pending {
+                self.run_channel(channel);
+            }
+        }
+    }
+
+    /// Drains the channel's incoming ring (unless its backlog is full): completions are matched at once, data packets
+    /// join the backlog. Returns the packets read.
+    fn read_ring(&mut self, channel: ChannelHandle) -> usize {
+        let Bus { connection, pages, channels, stats, .. } = self;
+        let Some(c) = channels.get_mut(channel.index, channel.generation) else { return 0 };
+        if c.backlog.len() >= BACKLOG_LIMIT || c.queue_stopped {
+            return 0;
+        }
+        let Some(open) = c.open.as_mut() else { return 0 };
+        let mut copied = Vec::new();
+        if let Err(error) =
+            open.channel.receive(connection.transport(), pages, |packet| copied.push(copy_packet(packet)))
+        {
+            match error {
+                ChannelError::Signal(_) => stats.signal_errors += 1,
+                _ => {
+                    stats.ring_errors += 1;
+                    c.queue_stopped = true;
+                    log::warn!("kmcl: {channel:?}: incoming ring failed ({error}); its queue is stopped");
+                }
+            }
+        }
+        let count = copied.len();
+        for packet in copied {
+            self.take_packet(channel, packet);
+        }
+        count
+    }
+
+    fn take_packet(&mut self, channel: ChannelHandle, packet: Copied) {
+        let Ok(c) = self.chan_mut(channel) else { return };
+        match packet {
+            Copied::Dropped => self.stats.unexpected_packets += 1,
+            Copied::Data(received) => {
+                let too_big = received.payload.len() > c.settings.maximum_packet_size as usize;
+                if too_big || !c.external_fits(&received.external) {
+                    self.stats.oversized_packets += 1;
+                    log::warn!("kmcl: {channel:?}: dropped an oversized packet ({} bytes)", received.payload.len());
+                } else {
+                    c.backlog.push_back(received);
+                }
+            }
+            Copied::Completion { transaction_id, payload } => match c.outstanding.remove(&transaction_id) {
+                None => {
+                    self.stats.unknown_completions += 1;
+                    log::warn!("kmcl: {channel:?}: completion for unknown transaction {transaction_id:#x}");
+                }
+                Some(Waiter::Packet { index, generation }) => {
+                    self.complete_sent(channel, index, generation, NtStatus::SUCCESS, &payload);
+                }
+                Some(Waiter::SyncWaiting) => {
+                    c.outstanding.insert(transaction_id, Waiter::SyncDone(payload));
+                }
+                Some(done @ Waiter::SyncDone(_)) => {
+                    c.outstanding.insert(transaction_id, done);
+                    self.stats.unknown_completions += 1;
+                }
+                Some(Waiter::SyncAbandoned) => self.stats.late_completions += 1,
+            },
+        }
+    }
+
+    /// Hands one packet to `process_packet`.
+    fn deliver(&mut self, channel: ChannelHandle, received: Received) {
+        let Ok(c) = self.chan_mut(channel) else { return };
+        let record = IncomingRecord {
+            transaction_id: received.transaction_id,
+            completion_requested: received.completion_requested,
+            external: received.external,
+            client_context: vec![0; c.settings.client_context_size as usize],
+        };
+        let flags =
+            if record.external.is_empty() { ProcessPacketFlags::NONE } else { ProcessPacketFlags::EXTERNAL_DATA };
+        let Some((index, generation)) = c.incoming.insert(record) else {
+            self.stats.unexpected_packets += 1;
+            return;
+        };
+        self.stats.delivered += 1;
+        let packet = PacketCompletion { channel, index, generation };
+        let payload = received.payload;
+        self.call(channel, |cb, kmcl| cb.process_packet(kmcl, channel, packet, &payload, flags));
+    }
+
+    /// Runs a sent packet's completion routine (or frees a pool packet with the default routine).
+    fn complete_sent(&mut self, channel: ChannelHandle, index: u32, generation: u32, status: NtStatus, payload: &[u8]) {
+        let Bus { channels, stats, .. } = &mut *self;
+        let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
+        let capacity = c.settings.maximum_packet_size as usize;
+        let Some(packet) = c.packets.get_mut(index, generation) else { return };
+        packet.in_flight = false;
+        let (status, payload) = if payload.len() > capacity {
+            stats.oversized_completions += 1;
+            (NtStatus::BUFFER_OVERFLOW, &payload[..capacity])
+        } else {
+            (status, payload)
+        };
+        let handle = PacketHandle { channel, index, generation };
+        match core::mem::replace(&mut packet.routine, Routine::Running) {
+            Routine::FreeOnCompletion => {
+                packet.routine = Routine::FreeOnCompletion;
+                let _ = self.packet_free(handle);
+            }
+            Routine::Custom(mut routine) => {
+                let from_pool = packet.from_pool;
+                let mut memory = packet.memory.take();
+                // The completion is staged in the packet's own memory, as the Windows packet object holds it.
+                let staged: &[u8] = match memory.as_deref_mut() {
+                    Some(area) if area.len() >= payload.len() => {
+                        area[..payload.len()].copy_from_slice(payload);
+                        &area[..payload.len()]
+                    }
+                    _ => payload,
+                };
+                self.depth += 1;
+                routine(self, handle, status, staged);
+                self.depth -= 1;
+                let Ok(c) = self.chan_mut(channel) else { return };
+                match c.packets.get_mut(index, generation) {
+                    Some(packet) => {
+                        if matches!(packet.routine, Routine::Running) {
+                            packet.routine = Routine::Custom(routine);
+                        }
+                        packet.memory = memory;
+                    }
+                    // Freed by its own routine: a pool packet's memory goes back to the pool.
+                    None => {
+                        if from_pool && let Some(area) = memory {
+                            c.pool.push(area);
+                        }
+                    }
+                }
+            }
+            other => {
+                packet.routine = other;
+                log::warn!("kmcl: {handle:?} completed without a completion routine");
+            }
+        }
+    }
+
+    /// Tries to put a packet in the ring now (behind anything already queued).
+    #[allow(clippy::too_many_arguments)]
+    fn write_now(
+        &mut self,
+        channel: ChannelHandle,
+        transaction_id: u64,
+        payload: &[u8],
+        external: &[ExternalRange],
+        completion_requested: bool,
+        is_completion: bool,
+    ) -> Result<Written> {
+        self.flush_send_queue(channel);
+        let Bus { connection, pages, channels, stats, .. } = self;
+        let c = channels.get_mut(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if !c.send_queue.is_empty() {
+            return Ok(Written::Full { needed: 0 });
+        }
+        let open = c.open.as_mut().ok_or(NtStatus::DEVICE_REMOVED)?;
+        match write_packet(
+            &mut open.channel,
+            connection,
+            pages,
+            transaction_id,
+            payload,
+            external,
+            completion_requested,
+            is_completion,
+        ) {
+            Ok(()) => Ok(Written::Now),
+            Err(ChannelError::Signal(_)) => {
+                stats.signal_errors += 1;
+                Ok(Written::Now)
+            }
+            Err(ChannelError::Ring(RingError::Full { needed, .. })) => Ok(Written::Full { needed }),
+            Err(error) => Err(channel_status(&error)),
+        }
+    }
+
+    /// Asks the host to signal when `needed` bytes are free; true if they already are.
+    fn arm_space_signal(&mut self, channel: ChannelHandle, needed: u32) -> bool {
+        let Ok(c) = self.chan_mut(channel) else { return false };
+        let Some(open) = c.open.as_mut() else { return false };
+        matches!(open.channel.request_space_signal(needed), Ok(SpaceRequest::Available))
+    }
+
+    /// Writes queued packets while they fit; runs the routines of those that only waited for the ring.
+    fn flush_send_queue(&mut self, channel: ChannelHandle) {
+        let mut placed = Vec::new();
+        loop {
+            let Bus { connection, pages, channels, stats, .. } = &mut *self;
+            let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
+            let Some(open) = c.open.as_mut() else { break };
+            let Some(front) = c.send_queue.front() else { break };
+            let result = write_packet(
+                &mut open.channel,
+                connection,
+                pages,
+                front.transaction_id,
+                &front.payload,
+                &front.external,
+                front.completion_requested,
+                front.is_completion,
+            );
+            match result {
+                Ok(()) | Err(ChannelError::Signal(_)) => {
+                    if result.is_err() {
+                        stats.signal_errors += 1;
+                    }
+                    if let Some(send) = c.send_queue.pop_front()
+                        && let Some(notify) = send.notify
+                    {
+                        placed.push((notify, NtStatus::SUCCESS));
+                    }
+                }
+                Err(ChannelError::Ring(RingError::Full { needed, .. })) => {
+                    if !self.arm_space_signal(channel, needed) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    stats.ring_errors += 1;
+                    log::warn!("kmcl: {channel:?}: a queued packet could not be written: {error}");
+                    if let Some(send) = c.send_queue.pop_front()
+                        && let Some(notify) = send.notify
+                    {
+                        placed.push((notify, NtStatus::UNSUCCESSFUL));
+                    }
+                }
+            }
+        }
+        for ((index, generation), status) in placed {
+            self.complete_sent(channel, index, generation, status, &[]);
+        }
+    }
+
+    /// Sends a data packet now or queues it. `notify`: the packet whose routine runs once it is in the ring.
+    #[allow(clippy::too_many_arguments)]
+    fn send_or_queue(
+        &mut self,
+        channel: ChannelHandle,
+        transaction_id: u64,
+        payload: &[u8],
+        external: &[ExternalRange],
+        completion_requested: bool,
+        is_completion: bool,
+        notify: Option<(u32, u32)>,
+    ) -> Result<()> {
+        match self.write_now(channel, transaction_id, payload, external, completion_requested, is_completion)? {
+            Written::Now => {
+                if let Some((index, generation)) = notify {
+                    self.complete_sent(channel, index, generation, NtStatus::SUCCESS, &[]);
+                }
+            }
+            Written::Full { needed } => {
+                let c = self.chan_mut(channel)?;
+                c.send_queue.push_back(QueuedSend {
+                    transaction_id,
+                    payload: payload.to_vec(),
+                    external: external.to_vec(),
+                    completion_requested,
+                    is_completion,
+                    notify,
+                });
+                if needed != 0 && self.arm_space_signal(channel, needed) {
+                    self.flush_send_queue(channel);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a synchronous wait: control messages, the channel's ring, else the idle hook and a transport
+    /// wait. [`NtStatus::DEVICE_REMOVED`] once the channel is going away, [`NtStatus::CANCELLED`] past `deadline`.
+    fn wait_step(&mut self, channel: ChannelHandle, deadline: Option<u64>) -> Result<()> {
+        self.pump_control();
+        let c = self.chan(channel).map_err(|_| NtStatus::DEVICE_REMOVED)?;
+        if c.removed() || c.open.is_none() {
+            return Err(NtStatus::DEVICE_REMOVED);
+        }
+        if self.read_ring(channel) > 0 {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| self.connection.transport().now_ns() >= d) {
+            return Err(NtStatus::CANCELLED);
+        }
+        if let Some(hook) = self.idle_hook.as_mut() {
+            hook();
+        }
+        self.connection.transport().wait();
+        Ok(())
+    }
+
+    /// Checks a sent packet for `packet_send`; returns the channel's maximum packet size.
+    fn check_sendable(&self, packet: PacketHandle) -> Result<()> {
+        let c = self.chan(packet.channel)?;
+        let p = c.packets.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if p.in_flight || matches!(p.routine, Routine::Unset) {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        if c.removed() {
+            return Err(NtStatus::DEVICE_REMOVED);
+        }
+        if c.open.is_none() {
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
+        Ok(())
+    }
+
+    fn incoming(&self, packet: PacketCompletion) -> Result<&IncomingRecord> {
+        self.chan(packet.channel)?.incoming.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    /// After an incoming packet left the quota: restart the queue now, or after the running callback.
+    fn restart_queue(&mut self, channel: ChannelHandle) {
+        if self.depth == 0 {
+            self.run_channel(channel);
+            self.run_pending();
+        } else if let Ok(c) = self.chan_mut(channel) {
+            c.needs_run = true;
+        }
+    }
+
+    /// Creates a GPADL after the arguments were checked.
+    fn create_gpadl(
+        &mut self,
+        channel: ChannelHandle,
+        flags: GpadlFlags,
+        pfns: &[u64],
+        byte_offset: u32,
+        byte_count: u32,
+    ) -> Result<GpadlHandle> {
+        let c = self.chan(channel)?;
+        if c.removed() {
+            return Err(NtStatus::DEVICE_REMOVED);
+        }
+        let relid = match (&c.open, c.relid()) {
+            (Some(_), Some(relid)) => relid,
+            _ => return Err(NtStatus::INVALID_PARAMETER_1),
+        };
+        let id = self.connection.create_gpadl(relid, pfns, byte_offset, byte_count).map_err(|e| client_status(&e))?;
+        self.chan_mut(channel)?.gpadls.push((id.0, flags));
+        Ok(GpadlHandle { channel, id: id.0 })
+    }
+}
+
+/// Checks the arguments shared by the two GPADL create functions; `_3`/`_4`/`_5` as in
+/// [`Kmcl::channel_create_gpadl_from_pfn_list`].
+fn check_gpadl_arguments(flags: GpadlFlags, pfns: &[u64], byte_offset: u32, byte_count: u32) -> Result<()> {
+    if flags.0 & !GpadlFlags::ALL.0 != 0 {
+        return Err(NtStatus::INVALID_PARAMETER_2);
+    }
+    if pfns.is_empty() {
+        return Err(NtStatus::INVALID_PARAMETER_3);
+    }
+    if byte_offset >= 4096 {
+        return Err(NtStatus::INVALID_PARAMETER_4);
+    }
+    let end = u64::from(byte_offset) + u64::from(byte_count);
+    if byte_count == 0 || end.div_ceil(4096) != pfns.len() as u64 {
+        return Err(NtStatus::INVALID_PARAMETER_5);
+    }
+    Ok(())
+}
+
+impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, A> {
+    fn channel_allocate(&mut self) -> Result<ChannelHandle> {
+        let (index, generation) = self.channels.insert(KmclChannel::new()).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
+        Ok(ChannelHandle { index, generation })
+    }
+
+    fn channel_cleanup(&mut self, channel: ChannelHandle) -> Result<()> {
+        self.disabled_mut(channel)?;
+        self.channels.remove(channel.index, channel.generation);
+        Ok(())
+    }
+
+    fn channel_enable(&mut self, channel: ChannelHandle) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if c.callbacks.is_none() || c.settings.target.is_none() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        c.state = ChannelState::Enabled;
+        c.queue_stopped = false;
+        self.try_bind(channel);
+        self.run_pending();
+        Ok(())
+    }
+
+    fn channel_disable(&mut self, channel: ChannelHandle) -> Result<()> {
+        let c = self.chan_mut(channel)?;
+        match c.state {
+            ChannelState::Disabled => Ok(()),
+            ChannelState::Enabled | ChannelState::Closed if c.open.is_none() => {
+                c.state = ChannelState::Disabled;
+                Ok(())
+            }
+            _ if c.callbacks.is_none() => Err(NtStatus::INVALID_DEVICE_STATE),
+            state => {
+                self.teardown(channel, state == ChannelState::Active, ChannelState::Disabled);
+                Ok(())
+            }
+        }
+    }
+
+    fn channel_pause(&mut self, channel: ChannelHandle) -> Result<()> {
+        let c = self.chan(channel)?;
+        if c.state != ChannelState::Active || c.callbacks.is_none() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        self.call(channel, |cb, kmcl| cb.suspend(kmcl, channel));
+        self.chan_mut(channel)?.state = ChannelState::Paused;
+        Ok(())
+    }
+
+    fn channel_start(&mut self, channel: ChannelHandle) -> Result<()> {
+        let c = self.chan(channel)?;
+        match c.state {
+            ChannelState::Active => Ok(()),
+            ChannelState::Paused if c.callbacks.is_some() && !c.removed() => {
+                self.start_sequence(channel);
+                self.run_pending();
+                Ok(())
+            }
+            _ => Err(NtStatus::INVALID_PARAMETER_1),
+        }
+    }
+
+    fn channel_state(&self, channel: ChannelHandle) -> Result<ChannelState> {
+        Ok(self.chan(channel)?.state)
+    }
+
+    fn channel_init_set_maximum_packet_size(&mut self, channel: ChannelHandle, packet_size: u32) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if packet_size == 0 || packet_size > MAX_PACKET_SIZE_LIMIT {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.maximum_packet_size = packet_size;
+        c.pool.clear();
+        Ok(())
+    }
+
+    fn channel_init_set_maximum_external_data(
+        &mut self,
+        channel: ChannelHandle,
+        data_size: u32,
+        chain_length: u32,
+    ) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if data_size == 0 {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        // Even page-aligned, `data_size` bytes span this many pages.
+        let least_chain = u64::from(data_size).div_ceil(4096);
+        if chain_length == 0 || chain_length > MAX_EXTERNAL_CHAIN_LENGTH || u64::from(chain_length) < least_chain {
+            return Err(NtStatus::INVALID_PARAMETER_3);
+        }
+        c.settings.maximum_external_data = (data_size, chain_length);
+        Ok(())
+    }
+
+    fn channel_init_set_client_context_size(&mut self, channel: ChannelHandle, size: u32) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if size > MAX_CLIENT_CONTEXT_SIZE {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.client_context_size = size;
+        Ok(())
+    }
+
+    fn channel_init_set_flags(&mut self, channel: ChannelHandle, flags: ChannelInitFlags) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if flags.0 & !ChannelInitFlags::ALL.0 != 0 {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.flags = flags;
+        Ok(())
+    }
+
+    fn channel_init_set_friendly_name(&mut self, channel: ChannelHandle, name: &str) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if name.len() > MAX_FRIENDLY_NAME_LEN {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.friendly_name = String::from(name);
+        Ok(())
+    }
+
+    fn channel_init_set_callbacks(
+        &mut self,
+        channel: ChannelHandle,
+        callbacks: Box<dyn ChannelCallbacks>,
+    ) -> Result<()> {
+        self.disabled_mut(channel)?.callbacks = Some(callbacks);
+        Ok(())
+    }
+
+    fn channel_init_set_ring_buffer_page_count(
+        &mut self,
+        channel: ChannelHandle,
+        incoming_pages: u32,
+        outgoing_pages: u32,
+    ) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        let valid = |pages: u32| (2..=MAX_RING_PAGES).contains(&pages);
+        if !valid(incoming_pages) {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        if !valid(outgoing_pages) {
+            return Err(NtStatus::INVALID_PARAMETER_3);
+        }
+        c.settings.ring_pages = Some((incoming_pages, outgoing_pages));
+        Ok(())
+    }
+
+    fn channel_init_set_target(
+        &mut self,
+        channel: ChannelHandle,
+        interface_type: Guid,
+        interface_instance: Option<Guid>,
+    ) -> Result<()> {
+        self.disabled_mut(channel)?.settings.target = Some(TargetInterface { interface_type, interface_instance });
+        Ok(())
+    }
+
+    fn channel_init_set_maximum_packet_count(&mut self, channel: ChannelHandle, count: u32) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if count == 0 {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.maximum_packet_count = count;
+        Ok(())
+    }
+
+    fn channel_set_pointer(&mut self, channel: ChannelHandle, context: Option<Context>) -> Result<()> {
+        self.chan_mut(channel)?.pointer = context;
+        Ok(())
+    }
+
+    fn channel_pointer(&self, channel: ChannelHandle) -> Result<Option<Context>> {
+        Ok(self.chan(channel)?.pointer.clone())
+    }
+
+    fn channel_set_transaction_quota(&mut self, channel: ChannelHandle, quota: u32) -> Result<()> {
+        let c = self.chan_mut(channel)?;
+        if quota == 0 {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.transaction_quota = quota;
+        self.restart_queue(channel);
+        Ok(())
+    }
+
+    fn channel_interface_instance(&self, channel: ChannelHandle) -> Result<Guid> {
+        let c = self.chan(channel)?;
+        c.offer
+            .as_ref()
+            .map(|offer| offer.interface_instance)
+            .or(c.settings.target.and_then(|t| t.interface_instance))
+            .ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    fn channel_offer(&self, channel: ChannelHandle) -> Result<Offer> {
+        self.chan(channel)?.offer.clone().ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32> {
+        Ok(sizeof_packet(self.chan(channel)?.settings.maximum_packet_size))
+    }
+
+    fn channel_send_synchronous_request(
+        &mut self,
+        channel: ChannelHandle,
+        buffer: &[u8],
+        external: Option<&[ExternalRange]>,
+        flags: SendFlags,
+        completion: Option<&mut [u8]>,
+        timeout_ns: Option<u64>,
+    ) -> Result<usize> {
+        let c = self.chan(channel)?;
+        if c.removed() {
+            return Err(NtStatus::DEVICE_REMOVED);
+        }
+        if c.open.is_none() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        if buffer.len() > c.settings.maximum_packet_size as usize {
+            return Err(NtStatus::INVALID_PARAMETER_3);
+        }
+        let external = external.unwrap_or(&[]);
+        if !c.external_fits(external) {
+            return Err(NtStatus::INVALID_PARAMETER_4);
+        }
+        if flags.0 & !SendFlags::ALL.0 != 0 {
+            return Err(NtStatus::INVALID_PARAMETER_5);
+        }
+        if completion.as_ref().is_some_and(|buf| !buf.len().is_multiple_of(8)) {
+            return Err(NtStatus::INVALID_PARAMETER_7);
+        }
+        let wait_for_completion = flags.contains(SendFlags::WAIT_FOR_COMPLETION);
+        let deadline = timeout_ns.map(|t| self.connection.transport().now_ns().saturating_add(t));
+        let c = self.chan_mut(channel)?;
+        let transaction_id = c.take_transaction_id();
+        if wait_for_completion {
+            c.outstanding.insert(transaction_id, Waiter::SyncWaiting);
+        }
+        let forget = |bus: &mut Self| {
+            if let Ok(c) = bus.chan_mut(channel) {
+                c.outstanding.remove(&transaction_id);
+            }
+        };
+        loop {
+            match self.write_now(channel, transaction_id, buffer, external, wait_for_completion, false) {
+                Ok(Written::Now) => break,
+                Ok(Written::Full { needed }) => {
+                    if timeout_ns == Some(0) {
+                        forget(self);
+                        return Err(NtStatus::BUFFER_OVERFLOW);
+                    }
+                    if needed != 0 {
+                        self.arm_space_signal(channel, needed);
+                    }
+                }
+                Err(status) => {
+                    forget(self);
+                    return Err(status);
+                }
+            }
+            if let Err(status) = self.wait_step(channel, deadline) {
+                forget(self);
+                return Err(status);
+            }
+        }
+        if !wait_for_completion {
+            return Ok(0);
+        }
+        loop {
+            let c = self.chan_mut(channel).map_err(|_| NtStatus::DEVICE_REMOVED)?;
+            if let Some(Waiter::SyncDone(_)) = c.outstanding.get(&transaction_id)
+                && let Some(Waiter::SyncDone(payload)) = c.outstanding.remove(&transaction_id)
+            {
+                let Some(out) = completion else { return Ok(0) };
+                let len = payload.len().min(out.len());
+                out[..len].copy_from_slice(&payload[..len]);
+                return Ok(len);
+            }
+            if let Err(status) = self.wait_step(channel, deadline) {
+                if let Ok(c) = self.chan_mut(channel)
+                    && c.outstanding.contains_key(&transaction_id)
+                {
+                    c.outstanding.insert(transaction_id, Waiter::SyncAbandoned);
+                }
+                return Err(status);
+            }
+        }
+    }
+
+    fn channel_create_gpadl_from_buffer(
+        &mut self,
+        channel: ChannelHandle,
+        flags: GpadlFlags,
+        buffer: &dyn PhysicalBuffer,
+    ) -> Result<GpadlHandle> {
+        self.chan(channel)?;
+        check_gpadl_arguments(flags, buffer.pfns(), buffer.byte_offset(), buffer.byte_count()).map_err(|status| {
+            if status == NtStatus::INVALID_PARAMETER_2 { status } else { NtStatus::INVALID_PARAMETER_3 }
+        })?;
+        self.create_gpadl(channel, flags, buffer.pfns(), buffer.byte_offset(), buffer.byte_count())
+    }
+
+    fn channel_create_gpadl_from_pfn_list(
+        &mut self,
+        channel: ChannelHandle,
+        flags: GpadlFlags,
+        pfns: &[u64],
+        byte_offset: u32,
+        byte_count: u32,
+    ) -> Result<GpadlHandle> {
+        self.chan(channel)?;
+        check_gpadl_arguments(flags, pfns, byte_offset, byte_count)?;
+        self.create_gpadl(channel, flags, pfns, byte_offset, byte_count)
+    }
+
+    fn channel_delete_gpadl(&mut self, channel: ChannelHandle, gpadl: GpadlHandle) -> Result<()> {
+        let c = self.chan(channel)?;
+        if gpadl.channel != channel || !c.gpadls.iter().any(|(id, _)| *id == gpadl.id) {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        let relid = c.relid().ok_or(NtStatus::INVALID_PARAMETER_2)?;
+        let result = self.connection.teardown_gpadl(relid, crate::client::GpadlId(gpadl.id));
+        if let Ok(c) = self.chan_mut(channel) {
+            c.gpadls.retain(|(id, _)| *id != gpadl.id);
+        }
+        result.map_err(|e| client_status(&e))
+    }
+
+    fn gpadl_is_read_only(&self, gpadl: GpadlHandle) -> Result<bool> {
+        let c = self.chan(gpadl.channel)?;
+        let (_, flags) = c.gpadls.iter().find(|(id, _)| *id == gpadl.id).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        Ok(flags.contains(GpadlFlags::READ_ONLY))
+    }
+
+    fn packet_allocate(&mut self, channel: ChannelHandle) -> Result<PacketHandle> {
+        let c = self.chan_mut(channel)?;
+        if c.pool_in_use >= c.settings.maximum_packet_count {
+            return Err(NtStatus::INSUFFICIENT_RESOURCES);
+        }
+        let size = sizeof_packet(c.settings.maximum_packet_size) as usize;
+        let memory = match c.pool.pop() {
+            Some(memory) if memory.len() == size => memory,
+            _ => vec![0u8; size].into_boxed_slice(),
+        };
+        let packet = SentPacket {
+            memory: Some(memory),
+            from_pool: true,
+            routine: Routine::FreeOnCompletion,
+            pointer: None,
+            in_flight: false,
+        };
+        let (index, generation) = c.packets.insert(packet).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
+        c.pool_in_use += 1;
+        Ok(PacketHandle { channel, index, generation })
+    }
+
+    fn packet_initialize(&mut self, channel: ChannelHandle, memory: Box<[u8]>) -> Result<PacketHandle> {
+        let c = self.chan_mut(channel)?;
+        if memory.len() < sizeof_packet(c.settings.maximum_packet_size) as usize {
+            return Err(NtStatus::INVALID_PARAMETER_3);
+        }
+        let packet = SentPacket {
+            memory: Some(memory),
+            from_pool: false,
+            routine: Routine::Unset,
+            pointer: None,
+            in_flight: false,
+        };
+        let (index, generation) = c.packets.insert(packet).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
+        Ok(PacketHandle { channel, index, generation })
+    }
+
+    fn packet_free(&mut self, packet: PacketHandle) -> Result<Option<Box<[u8]>>> {
+        let c = self.chan_mut(packet.channel)?;
+        let p = c.packets.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if p.in_flight {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        let Some(p) = c.packets.remove(packet.index, packet.generation) else {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        };
+        if !p.from_pool {
+            return Ok(p.memory);
+        }
+        c.pool_in_use = c.pool_in_use.saturating_sub(1);
+        if let Some(memory) = p.memory {
+            c.pool.push(memory);
+        }
+        Ok(None)
+    }
+
+    fn packet_set_completion_routine(&mut self, packet: PacketHandle, routine: CompletionRoutine) -> Result<()> {
+        let c = self.chan_mut(packet.channel)?;
+        let p = c.packets.get_mut(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        p.routine = Routine::Custom(routine);
+        Ok(())
+    }
+
+    fn packet_set_pointer(&mut self, packet: PacketHandle, context: Option<Context>) -> Result<()> {
+        let c = self.chan_mut(packet.channel)?;
+        c.packets.get_mut(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?.pointer = context;
+        Ok(())
+    }
+
+    fn packet_pointer(&self, packet: PacketHandle) -> Result<Option<Context>> {
+        let c = self.chan(packet.channel)?;
+        Ok(c.packets.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?.pointer.clone())
+    }
+
+    fn packet_channel(&self, packet: PacketHandle) -> Result<ChannelHandle> {
+        let c = self.chan(packet.channel)?;
+        c.packets.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        Ok(packet.channel)
+    }
+
+    fn packet_send(
+        &mut self,
+        packet: PacketHandle,
+        buffer: &[u8],
+        external: Option<&[ExternalRange]>,
+        flags: SendFlags,
+    ) -> Result<()> {
+        self.check_sendable(packet)?;
+        let channel = packet.channel;
+        let c = self.chan_mut(channel)?;
+        if buffer.len() > c.settings.maximum_packet_size as usize {
+            return Err(NtStatus::INVALID_PARAMETER_3);
+        }
+        let external = external.unwrap_or(&[]);
+        if !c.external_fits(external) {
+            return Err(NtStatus::INVALID_PARAMETER_4);
+        }
+        if flags.0 & !SendFlags::ALL.0 != 0 {
+            return Err(NtStatus::INVALID_PARAMETER_5);
+        }
+        let wait = flags.contains(SendFlags::WAIT_FOR_COMPLETION);
+        let transaction_id = c.take_transaction_id();
+        if let Some(p) = c.packets.get_mut(packet.index, packet.generation) {
+            p.in_flight = true;
+        }
+        if wait {
+            c.outstanding.insert(transaction_id, Waiter::Packet { index: packet.index, generation: packet.generation });
+        }
+        let notify = (!wait).then_some((packet.index, packet.generation));
+        let result = self.send_or_queue(channel, transaction_id, buffer, external, wait, false, notify);
+        if result.is_err()
+            && let Ok(c) = self.chan_mut(channel)
+        {
+            c.outstanding.remove(&transaction_id);
+            if let Some(p) = c.packets.get_mut(packet.index, packet.generation) {
+                p.in_flight = false;
+            }
+        }
+        result
+    }
+
+    fn packet_send_with_external_pfns(
+        &mut self,
+        packet: PacketHandle,
+        buffer: &[u8],
+        pfns: &[u64],
+        flags: SendFlags,
+    ) -> Result<()> {
+        self.check_sendable(packet)?;
+        if !flags.contains(SendFlags::WAIT_FOR_COMPLETION) || flags.0 & !SendFlags::ALL.0 != 0 {
+            return Err(NtStatus::INVALID_PARAMETER_6);
+        }
+        let range = ExternalRange::whole_pages(pfns);
+        if !range.is_well_formed() || !self.chan(packet.channel)?.external_fits(core::slice::from_ref(&range)) {
+            return Err(NtStatus::INVALID_PARAMETER_4);
+        }
+        self.packet_send(packet, buffer, Some(core::slice::from_ref(&range)), flags)
+    }
+
+    fn packet_complete(&mut self, packet: PacketCompletion, completion: &[u8]) -> Result<()> {
+        let c = self.chan(packet.channel)?;
+        let record = c.incoming.get(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if completion.len() > c.settings.maximum_packet_size as usize {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        let (transaction_id, requested) = (record.transaction_id, record.completion_requested);
+        let channel = packet.channel;
+        self.chan_mut(channel)?.incoming.remove(packet.index, packet.generation);
+        let sendable = self.chan(channel).is_ok_and(|c| c.open.is_some() && !c.removed());
+        if requested && sendable {
+            self.send_or_queue(channel, transaction_id, completion, &[], false, true, None)?;
+        }
+        self.restart_queue(channel);
+        Ok(())
+    }
+
+    fn packet_fail(&mut self, packet: PacketCompletion) -> Result<()> {
+        let c = self.chan_mut(packet.channel)?;
+        c.incoming.remove(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        c.queue_stopped = true;
+        log::warn!("kmcl: {:?}: a packet failed; the incoming queue is stopped", packet.channel);
+        Ok(())
+    }
+
+    fn packet_external_data(&self, packet: PacketCompletion) -> Result<Vec<ExternalRange>> {
+        let record = self.incoming(packet)?;
+        if record.external.is_empty() {
+            return Err(NtStatus::NOT_FOUND);
+        }
+        Ok(record.external.clone())
+    }
+
+    fn packet_client_context(&mut self, packet: PacketCompletion) -> Result<&mut [u8]> {
+        let c = self.chan_mut(packet.channel)?;
+        let record = c.incoming.get_mut(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        Ok(&mut record.client_context)
+    }
+
+    fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64> {
+        Ok(self.incoming(packet)?.transaction_id)
+    }
+}
