@@ -147,6 +147,16 @@ impl LoopbackBus {
         LoopbackBus::build(SimHypervisor::default(), config, Some(memory))
     }
 
+    /// A bus with the data path over `memory` and an existing simulated hypervisor (for a guest that brings the
+    /// SynIC up itself).
+    pub fn with_hypervisor_and_memory(
+        hypervisor: SimHypervisor,
+        config: ServerConfig,
+        memory: PageArena,
+    ) -> LoopbackBus {
+        LoopbackBus::build(hypervisor, config, Some(memory))
+    }
+
     fn build(hypervisor: SimHypervisor, config: ServerConfig, memory: Option<PageArena>) -> LoopbackBus {
         let message_ports = config.message_connection_ids();
         for &connection_id in &message_ports {
