@@ -242,6 +242,16 @@ pub trait Kmcl {
     /// bytes, zeroed on arrival).
     fn packet_client_context(&mut self, packet: PacketCompletion) -> Result<&mut [u8]>;
 
+    /// `VmbChannelPacketDeferToPassive`: only from inside `process_packet` for that packet, in interrupt context
+    /// (`_1` otherwise); after
+    /// the callback returns, the packet is delivered again (the same packet, parsed again) from task context
+    /// ([`super::Bus::poll`]) instead of the interrupt.
+    fn packet_defer_to_task(&mut self, packet: PacketCompletion) -> Result<()>;
+
+    /// `VmbChannelSetIncomingProcessingAtPassive`: with `require`, `process_packet` runs only in task context
+    /// ([`super::Bus::poll`]); [`super::Bus::process_interrupt`] then only drains the ring and matches completions.
+    fn channel_set_incoming_processing_in_task(&mut self, channel: ChannelHandle, require: bool) -> Result<()>;
+
     /// The transaction id of an incoming packet (no Windows counterpart; for logs and device protocols that echo
     /// it).
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64>;

@@ -97,6 +97,8 @@ pub struct BusStats {
 
 /// A packet copied out of the ring.
 struct Received {
+    /// Deferred by `packet_defer_to_task`: delivered again only in task context.
+    task_only: bool,
     transaction_id: u64,
     completion_requested: bool,
     payload: Vec<u8>,
@@ -189,6 +191,10 @@ struct KmclChannel<M: RingMemory, L> {
     rescinded: bool,
     closing: bool,
     needs_run: bool,
+    /// `channel_set_incoming_processing_in_task`: deliver only from task context.
+    task_only: bool,
+    /// The incoming packet whose `process_packet` runs now, and whether it asked to be deferred.
+    inline: Option<((u32, u32), bool)>,
 }
 
 impl<M: RingMemory, L> KmclChannel<M, L> {
@@ -213,6 +219,8 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
             rescinded: false,
             closing: false,
             needs_run: false,
+            task_only: false,
+            inline: None,
         }
     }
 
@@ -254,6 +262,16 @@ pub struct Bus<T: VmbusTransport, P: InterruptPages, A: RingAllocator> {
     idle_hook: Option<Box<dyn FnMut() + Send>>,
     pending_events: VecDeque<Event>,
     depth: u32,
+    context: ExecutionContext,
+}
+
+/// Where the bus was entered from: the unikernel's counterpart of IRQL (DISPATCH_LEVEL vs PASSIVE_LEVEL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutionContext {
+    /// The VMBus interrupt ([`Bus::process_interrupt`]): Windows' DISPATCH_LEVEL.
+    Interrupt,
+    /// Task context ([`Bus::poll`], and any KMCL call made outside a callback): Windows' PASSIVE_LEVEL.
+    Task,
 }
 
 /// The status a failed control request becomes.
@@ -289,6 +307,7 @@ fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
     match packet.packet_type() {
         PacketType::COMPLETION => Copied::Completion { transaction_id, payload },
         PacketType::DATA_IN_BAND | PacketType::DATA_USING_TRANSFER_PAGES => Copied::Data(Received {
+            task_only: false,
             transaction_id,
             completion_requested: packet.completion_requested(),
             payload,
@@ -308,6 +327,7 @@ fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
                 })
                 .collect();
             Copied::Data(Received {
+                task_only: false,
                 transaction_id,
                 completion_requested: packet.completion_requested(),
                 payload,
@@ -365,6 +385,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             idle_hook: None,
             pending_events: VecDeque::new(),
             depth: 0,
+            context: ExecutionContext::Task,
         }
     }
 
@@ -413,6 +434,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// channel's rings. Returns the packets delivered to `process_packet`.
     pub fn poll(&mut self) -> u64 {
         let before = self.stats.delivered;
+        let outer = core::mem::replace(&mut self.context, ExecutionContext::Task);
         self.pump_control();
         if self.depth == 0 {
             self.handle_events();
@@ -424,6 +446,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             self.run_channel(ChannelHandle { index, generation });
         }
         self.run_pending();
+        self.context = outer;
         self.stats.delivered - before
     }
 
@@ -431,6 +454,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// control messages. Returns the packets delivered to `process_packet`.
     pub fn process_interrupt(&mut self, relids: &[u32]) -> u64 {
         let before = self.stats.delivered;
+        let outer = core::mem::replace(&mut self.context, ExecutionContext::Interrupt);
         for &relid in relids {
             if let Some(channel) = self.find_relid(relid) {
                 self.run_channel(channel);
@@ -441,7 +465,13 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             self.handle_events();
         }
         self.run_pending();
+        self.context = outer;
         self.stats.delivered - before
+    }
+
+    /// The context the bus runs callbacks in now.
+    pub fn execution_context(&self) -> ExecutionContext {
+        self.context
     }
 
     fn find_relid(&self, relid: u32) -> Option<ChannelHandle> {
@@ -667,7 +697,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
                 && !c.queue_stopped
                 && !c.removed()
                 && c.callbacks.is_some()
-                && !c.backlog.is_empty()
+                && c.backlog
+                    .front()
+                    .is_some_and(|r| self.context == ExecutionContext::Task || !(c.task_only || r.task_only))
                 && (c.settings.transaction_quota == 0 || c.incoming.len() < c.settings.transaction_quota as usize)
         })
     }
@@ -800,10 +832,26 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             self.stats.unexpected_packets += 1;
             return;
         };
+        c.inline = Some(((index, generation), false));
         self.stats.delivered += 1;
         let packet = PacketCompletion { channel, index, generation };
         let payload = received.payload;
         self.call(channel, |cb, kmcl| cb.process_packet(kmcl, channel, packet, &payload, flags));
+        let Bus { channels, stats, .. } = &mut *self;
+        let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
+        if let Some((_, true)) = c.inline.take()
+            && let Some(record) = c.incoming.remove(index, generation)
+        {
+            // Deferred: parsed again later, in task context, as the same packet.
+            stats.delivered -= 1;
+            c.backlog.push_front(Received {
+                task_only: true,
+                transaction_id: record.transaction_id,
+                completion_requested: record.completion_requested,
+                payload,
+                external: record.external,
+            });
+        }
     }
 
     /// Runs a sent packet's completion routine (or frees a pool packet with the default routine).
@@ -1600,6 +1648,23 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         let c = self.chan_mut(packet.channel)?;
         let record = c.incoming.get_mut(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
         Ok(&mut record.client_context)
+    }
+
+    fn packet_defer_to_task(&mut self, packet: PacketCompletion) -> Result<()> {
+        let interrupt = self.context == ExecutionContext::Interrupt;
+        let c = self.chan_mut(packet.channel)?;
+        match c.inline.as_mut() {
+            Some((current, deferred)) if *current == (packet.index, packet.generation) && interrupt => {
+                *deferred = true;
+                Ok(())
+            }
+            _ => Err(NtStatus::INVALID_PARAMETER_1),
+        }
+    }
+
+    fn channel_set_incoming_processing_in_task(&mut self, channel: ChannelHandle, require: bool) -> Result<()> {
+        self.chan_mut(channel)?.task_only = require;
+        Ok(())
     }
 
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64> {

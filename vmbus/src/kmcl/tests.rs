@@ -1127,3 +1127,39 @@ fn handles_of_every_kind_are_checked() {
     w.bus.packet_send(packet, b"ok", None, SendFlags::NONE).unwrap();
     assert_eq!(host.read_all().len(), 1);
 }
+
+#[test]
+fn deferred_packets_and_task_only_channels_are_delivered_from_poll() {
+    let mut w = world();
+    let log = Arc::clone(&w.log);
+    let mut recorder = Recorder::new(&log);
+    recorder.on_packet = Some(Box::new(|kmcl, packet, buffer| {
+        if buffer.starts_with(b"defer") && kmcl.packet_defer_to_task(packet).is_ok() {
+            return;
+        }
+        kmcl.packet_complete(packet, b"done").unwrap();
+    }));
+    let (channel, mut host) = w.started(recorder);
+    w.take_log();
+    host.send(1, b"defer me", true);
+    host.send(2, b"plain", false);
+    assert_eq!(w.bus.process_interrupt(&[1]), 0, "the deferred packet is not counted as delivered");
+    assert_eq!(w.take_log(), strings(&["packet defer me flags 0"]), "later packets keep their place behind it");
+    assert!(host.read_all().is_empty());
+    // Task context: the same packet again (deferring is refused there), then the next one.
+    assert_eq!(w.bus.poll(), 2);
+    assert_eq!(w.take_log(), strings(&["packet defer me flags 0", "packet plain flags 0", "processing_complete 2"]));
+    let completions = host.read_all();
+    assert_eq!((completions.len(), completions[0].transaction_id), (1, 1));
+    assert_eq!(
+        w.bus.packet_defer_to_task(PacketCompletion { channel, index: 0, generation: 1 }),
+        Err(NtStatus::INVALID_PARAMETER_1)
+    );
+
+    w.bus.channel_set_incoming_processing_in_task(channel, true).unwrap();
+    host.send(3, b"at passive", false);
+    assert_eq!(w.bus.process_interrupt(&[1]), 0);
+    assert!(w.take_log().is_empty());
+    assert_eq!(w.bus.poll(), 1);
+    assert_eq!(w.take_log(), strings(&["packet at passive flags 0", "processing_complete 1"]));
+}
