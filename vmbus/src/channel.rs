@@ -34,6 +34,16 @@ pub trait InterruptPages {
     fn set_monitor_pending(&self, monitor_id: u8);
 }
 
+impl<T: InterruptPages + ?Sized> InterruptPages for &T {
+    fn set_send_interrupt(&self, relid: u32) {
+        (**self).set_send_interrupt(relid);
+    }
+
+    fn set_monitor_pending(&self, monitor_id: u8) {
+        (**self).set_monitor_pending(monitor_id);
+    }
+}
+
 /// How the guest tells the host that a channel's ring changed, decided by the offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SignalPath {

@@ -794,3 +794,78 @@ mod tests {
         assert_eq!(arena.allocated_pages(), 0);
     }
 }
+
+/// The KMCL bus's ring allocator over a [`PageArena`]: channel rings for a guest whose memory is the arena (the
+/// in-process loopback, in tests and in the unikernel's demonstration bus).
+#[derive(Clone, Debug)]
+pub struct ArenaRingAllocator {
+    arena: PageArena,
+}
+
+impl ArenaRingAllocator {
+    /// Rings from `arena`.
+    pub fn new(arena: PageArena) -> ArenaRingAllocator {
+        ArenaRingAllocator { arena }
+    }
+
+    /// The arena the rings come from.
+    pub fn arena(&self) -> &PageArena {
+        &self.arena
+    }
+}
+
+/// The pages of one channel's rings in a [`PageArena`]: the first page and how many.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArenaLease {
+    first_pfn: u64,
+    pages: usize,
+}
+
+impl crate::kmcl::RingAllocator for ArenaRingAllocator {
+    type Memory = ArenaRing;
+    type Lease = ArenaLease;
+
+    fn allocate(
+        &self,
+        outgoing_pages: u32,
+        incoming_pages: u32,
+    ) -> crate::kmcl::Result<(ChannelRings<ArenaRing>, ArenaLease)> {
+        let rings = self.arena.channel_rings(outgoing_pages, incoming_pages).map_err(|error| match error {
+            MemoryError::BadRingLength { .. } => crate::kmcl::NtStatus::INVALID_PARAMETER,
+            _ => crate::kmcl::NtStatus::INSUFFICIENT_RESOURCES,
+        })?;
+        let lease = ArenaLease { first_pfn: rings.pfns[0], pages: rings.pfns.len() };
+        Ok((rings, lease))
+    }
+
+    fn release(&self, lease: ArenaLease, host_released: bool) {
+        if host_released {
+            // The run was allocated whole by `allocate`, so freeing it cannot fail.
+            let _ = self.arena.free(lease.first_pfn, lease.pages);
+        } else {
+            log::warn!("vmbus: {} arena pages kept out of use: the host did not confirm their teardown", lease.pages);
+        }
+    }
+}
+
+#[cfg(test)]
+mod ring_allocator_tests {
+    use super::*;
+    use crate::kmcl::{NtStatus, RingAllocator};
+
+    #[test]
+    fn rings_come_from_the_arena_and_go_back_only_when_released_by_the_host() {
+        let allocator = ArenaRingAllocator::new(PageArena::new(0x100, 32));
+        let (rings, lease) = allocator.allocate(3, 5).unwrap();
+        assert_eq!(rings.pfns, (0x100..0x108).collect::<Vec<_>>());
+        assert_eq!(allocator.arena().allocated_pages(), 8);
+        drop(rings);
+        allocator.release(lease, true);
+        assert_eq!(allocator.arena().allocated_pages(), 0);
+        let (_, kept) = allocator.allocate(2, 2).unwrap();
+        allocator.release(kept, false);
+        assert_eq!(allocator.arena().allocated_pages(), 4, "pages the host may still write stay allocated");
+        assert_eq!(allocator.allocate(1, 2).err(), Some(NtStatus::INVALID_PARAMETER));
+        assert_eq!(allocator.allocate(20, 20).err(), Some(NtStatus::INSUFFICIENT_RESOURCES));
+    }
+}
