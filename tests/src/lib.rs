@@ -82,10 +82,16 @@ pub fn boot_kernel(name: &str, cmdline: Option<&str>) -> RunOutcome {
 /// Boots the kernel with `cmdline` under QEMU with the accelerator `accel` (e.g. TCG, to see the kernel without
 /// Hyper-V enlightenments even where KVM could run it) and returns the outcome, printing the serial log.
 pub fn boot_kernel_with(name: &str, cmdline: Option<&str>, accel: Accel) -> RunOutcome {
+    boot_kernel_with_args(name, cmdline, accel, Vec::new())
+}
+
+/// Boots as [`boot_kernel_with`] does, with `extra_args` appended to QEMU's command line.
+fn boot_kernel_with_args(name: &str, cmdline: Option<&str>, accel: Accel, extra_args: Vec<String>) -> RunOutcome {
     let image = make_image(name, cmdline);
     let mut config = RunConfig::new(&image);
     config.timeout = BOOT_TIMEOUT;
     config.accel = accel;
+    config.extra_args = extra_args;
     let outcome = {
         let _slot = SlotGuard::acquire();
         boot::qemu::run(&setup().tools, &config).unwrap_or_else(|e| panic!("running QEMU for {name}: {e}"))
@@ -100,6 +106,66 @@ pub fn boot_kernel_with(name: &str, cmdline: Option<&str>, accel: Accel) -> RunO
         println!("--- {name}: QEMU stderr:\n{}", outcome.qemu_stderr);
     }
     outcome
+}
+
+/// Boots as [`boot_kernel_with`] does, with a QMP monitor that QEMU connects to, and returns the outcome with the
+/// reason of every `SHUTDOWN` event QEMU reported: `guest-shutdown` for an ACPI power-off, `guest-reset` for a reset
+/// (which `-no-reboot` turns into an exit). A kernel that ends through `isa-debug-exit` makes QEMU exit at once,
+/// with no event, and a power-off and a reset both exit with status 0: the events tell them apart.
+pub fn boot_kernel_watching_shutdown(name: &str, cmdline: Option<&str>, accel: Accel) -> (RunOutcome, Vec<String>) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // In the temporary directory: a Unix socket's path has at most 107 bytes, which a deep work tree can exceed.
+    let socket = std::env::temp_dir().join(format!("hv-qmp-{}-{name}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap_or_else(|e| panic!("QMP socket {}: {e}", socket.display()));
+    listener.set_nonblocking(true).unwrap_or_else(|e| panic!("QMP socket: {e}"));
+    let qemu_ended = Arc::new(AtomicBool::new(false));
+    // QEMU connects as the client at start-up; the transcript ends when QEMU exits and closes the connection.
+    let watcher = {
+        let qemu_ended = Arc::clone(&qemu_ended);
+        std::thread::spawn(move || -> String {
+            let mut stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(_) if qemu_ended.load(Ordering::Acquire) => return String::new(),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            let mut transcript = String::new();
+            if stream.set_nonblocking(false).is_ok()
+                && stream.set_read_timeout(Some(BOOT_TIMEOUT)).is_ok()
+                && stream.write_all(b"{\"execute\": \"qmp_capabilities\"}\n").is_ok()
+            {
+                let _ = stream.read_to_string(&mut transcript);
+            }
+            transcript
+        })
+    };
+    let args = ["-chardev", &format!("socket,id=qmp,path={}", socket.display()), "-mon", "chardev=qmp,mode=control"];
+    let outcome = boot_kernel_with_args(name, cmdline, accel, args.iter().map(|a| a.to_string()).collect());
+    qemu_ended.store(true, Ordering::Release);
+    let transcript = watcher.join().unwrap_or_default();
+    let _ = std::fs::remove_file(&socket);
+    println!("--- {name}: QMP transcript:\n{transcript}--- end of QMP");
+    assert!(transcript.contains("\"QMP\""), "{name}: QEMU's QMP monitor never greeted, so no event could be seen");
+    (outcome, shutdown_reasons(&transcript))
+}
+
+/// The `reason` of each `SHUTDOWN` event in a QMP transcript (one JSON object per line).
+pub fn shutdown_reasons(transcript: &str) -> Vec<String> {
+    transcript
+        .lines()
+        .filter(|line| line.contains("\"event\": \"SHUTDOWN\"") || line.contains("\"event\":\"SHUTDOWN\""))
+        .filter_map(|line| {
+            let after = &line[line.find("\"reason\"")? + "\"reason\"".len()..];
+            let value = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+            Some(value[..value.find('"')?].to_string())
+        })
+        .collect()
 }
 
 /// What one in-kernel test came to.
@@ -222,6 +288,16 @@ mod tests {
         assert_eq!(summary, KtestSummary { passed: 1, failed: 1, skipped: 1 });
         assert_eq!(ktest_summary(log), Some(summary));
         assert!(log.contains(&summary.line()));
+    }
+
+    #[test]
+    fn shutdown_events_are_read_from_a_qmp_transcript() {
+        let transcript = "{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n{\"return\": {}}\n\
+            {\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"SHUTDOWN\", \
+            \"data\": {\"guest\": true, \"reason\": \"guest-reset\"}}\n\
+            {\"event\": \"STOP\", \"data\": {\"reason\": \"x\"}}\n";
+        assert_eq!(shutdown_reasons(transcript), ["guest-reset"]);
+        assert!(shutdown_reasons("{\"return\": {}}\n").is_empty());
     }
 
     #[test]

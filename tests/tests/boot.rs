@@ -141,3 +141,46 @@ fn hyperv_ktests_skip_under_tcg() {
     assert_eq!(ktest_summary(&run.serial), Some(summary), "summary line `{}` missing", summary.line());
     assert_eq!(run.exit, Exit::GuestSuccess);
 }
+
+/// `mode=poweroff` enters ACPI S5 with the `\_S5` values of QEMU's DSDT: QEMU reports a guest power-off (not a reset,
+/// not an `isa-debug-exit` exit, which reports nothing) and exits with status 0, and the log shows the values used.
+#[test]
+fn poweroff_mode_powers_qemu_off_through_acpi_s5() {
+    let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let (run, shutdowns) = tests::boot_kernel_watching_shutdown("poweroff", Some("mode=poweroff"), tcg);
+    let log = &run.serial;
+    assert_eq!(shutdowns, ["guest-shutdown"], "QEMU did not report one guest power-off; serial:\n{log}");
+    assert_eq!(run.exit, Exit::Qemu(0));
+    assert!(log.contains("power: power-off: leaving the hypervisor clean first"), "{log}");
+    let s5 = logged_after(log, "power: ACPI S5 with SLP_TYPa ").expect("the S5 values are not logged");
+    let (pm1a, rest) = s5.split_once(" / SLP_TYPb ").expect("SLP_TYPb missing");
+    let (pm1b, port) = rest.split_once(" through PM1a_CNT 0x").expect("PM1a_CNT missing");
+    // QEMU's q35 DSDT has `Name (_S5, Package {0, 0, 0, 0})`, and its ICH9 PM1a_CNT is at 0x604.
+    assert_eq!((pm1a, pm1b), ("0", "0"), "{s5}");
+    assert_eq!(port, "604", "{s5}");
+    assert!(!log.contains("power-off failed") && !log.contains("KERNEL PANIC"), "{log}");
+}
+
+/// `mode=restart` resets through the FADT's reset register (q35: 0xF to I/O port 0xCF9): QEMU reports a guest
+/// reset, which `-no-reboot` turns into an exit with status 0, and no fallback was needed.
+#[test]
+fn restart_mode_resets_through_the_acpi_reset_register() {
+    let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let (run, shutdowns) = tests::boot_kernel_watching_shutdown("restart", Some("mode=restart"), tcg);
+    let log = &run.serial;
+    assert_eq!(shutdowns, ["guest-reset"], "QEMU did not report one guest reset; serial:\n{log}");
+    assert_eq!(run.exit, Exit::Qemu(0));
+    assert!(log.contains("power: restart: leaving the hypervisor clean first"), "{log}");
+    assert_eq!(logged_after(log, "power: restart through the ACPI reset register: "), Some("0xf to I/O port 0xcf9"));
+    assert!(!log.contains("still running") && !log.contains("keyboard controller"), "a fallback ran:\n{log}");
+}
+
+/// The shutdown watcher itself: a kernel that ends through `isa-debug-exit` produces no SHUTDOWN event, so the two
+/// tests above cannot pass on a kernel that merely exits.
+#[test]
+fn isa_debug_exit_is_not_a_power_off() {
+    let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let (run, shutdowns) = tests::boot_kernel_watching_shutdown("debug-exit", Some("mode=panic"), tcg);
+    assert_eq!(run.exit, Exit::GuestFailure);
+    assert!(shutdowns.is_empty(), "isa-debug-exit reported as {shutdowns:?}");
+}
