@@ -252,6 +252,10 @@ pub trait Kmcl {
     /// ([`super::Bus::poll`]); [`super::Bus::process_interrupt`] then only drains the ring and matches completions.
     fn channel_set_incoming_processing_in_task(&mut self, channel: ChannelHandle, require: bool) -> Result<()>;
 
+    /// Whether the other end asked for a completion packet (no Windows counterpart: `packet_complete` decides alone
+    /// there; a driver may want to answer differently).
+    fn packet_completion_requested(&self, packet: PacketCompletion) -> Result<bool>;
+
     /// The transaction id of an incoming packet (no Windows counterpart; for logs and device protocols that echo
     /// it).
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64>;

@@ -1667,6 +1667,10 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         Ok(())
     }
 
+    fn packet_completion_requested(&self, packet: PacketCompletion) -> Result<bool> {
+        Ok(self.incoming(packet)?.completion_requested)
+    }
+
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64> {
         Ok(self.incoming(packet)?.transaction_id)
     }

@@ -120,6 +120,7 @@
 pub mod api;
 pub mod bus;
 pub mod channel;
+pub mod echo;
 pub mod gpadl;
 pub mod handle;
 pub mod packet;

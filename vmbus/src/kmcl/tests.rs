@@ -1163,3 +1163,72 @@ fn deferred_packets_and_task_only_channels_are_delivered_from_poll() {
     assert_eq!(w.bus.poll(), 1);
     assert_eq!(w.take_log(), strings(&["packet at passive flags 0", "processing_complete 1"]));
 }
+
+/// The example echo device's side: answers the hello with version 1 and pings with the payload reversed, and
+/// collects the driver's echoes.
+fn echo_device_turn(host: &mut HostEnd, echoes: &mut Vec<Vec<u8>>) {
+    for packet in host.read_all() {
+        if packet.payload.starts_with(b"ECHO") {
+            host.complete(packet.transaction_id, &1u32.to_le_bytes());
+        } else if packet.completion_requested {
+            let mut answer = packet.payload.clone();
+            answer.reverse();
+            host.complete(packet.transaction_id, &answer);
+        } else {
+            echoes.push(packet.payload);
+        }
+    }
+}
+
+#[test]
+fn the_example_echo_driver_end_to_end() {
+    let mut w = world_with(&[OfferSpec::new(echo::ECHO_INTERFACE_TYPE, INSTANCE)]);
+    let device: Arc<Mutex<(Option<HostEnd>, Vec<Vec<u8>>)>> = Arc::default();
+    let (player, allocator) = (Arc::clone(&device), w.allocator.clone());
+    w.bus.set_idle_hook(Some(Box::new(move || {
+        let mut device = player.lock();
+        let (host, echoes) = &mut *device;
+        let host = host.get_or_insert_with(|| HostEnd::new(&allocator, 0));
+        echo_device_turn(host, echoes);
+    })));
+    let (channel, state) = echo::EchoDriver::start(&mut w.bus, None, 0x4242).unwrap();
+    assert_eq!(state.lock().version, Some(1));
+    assert_eq!(state.lock().events, ["opened", "started", "post_started"]);
+    let gpadl = state.lock().shared_gpadl.unwrap();
+    assert!(w.host.with_server(|s| s.gpadl(gpadl.id()).is_some()), "the shared page is described to the host");
+    let pointer = w.bus.channel_pointer(channel).unwrap().unwrap();
+    assert!(pointer.downcast_ref::<Mutex<echo::EchoState>>().is_some(), "the state is the channel's pointer");
+
+    // The driver pings the device.
+    let mut answer = [0u8; 16];
+    let len = echo::EchoDriver::ping(&mut w.bus, channel, b"abcdefgh", &mut answer).unwrap();
+    assert_eq!(&answer[..len], b"hgfedcba");
+
+    // The device sends: one packet asking for a completion (echoed in it), one not (echoed as a packet).
+    {
+        let mut device = device.lock();
+        let host = device.0.as_mut().unwrap();
+        host.send(1, b"with completion", true);
+        host.send(2, b"without", false);
+    }
+    w.bus.process_interrupt(&[w.bus.channel_relid(channel).unwrap()]);
+    let mut device = device.lock();
+    let (host, echoes) = &mut *device;
+    let host = host.as_mut().unwrap();
+    let back = host.read_all();
+    assert_eq!(back.len(), 2);
+    assert_eq!((back[0].packet_type, back[0].transaction_id), (PacketType::COMPLETION, 1));
+    assert_eq!(&back[0].payload[..15], b"with completion");
+    assert_eq!(back[1].packet_type, PacketType::DATA_IN_BAND);
+    assert_eq!(&back[1].payload[..7], b"without");
+    assert!(echoes.is_empty());
+    drop(device);
+    assert_eq!(state.lock().echoed, 2);
+
+    echo::EchoDriver::stop(&mut w.bus, channel).unwrap();
+    assert_eq!(state.lock().events, ["opened", "started", "post_started", "suspend", "closed"]);
+    assert_eq!(w.bus.stats().leaked_gpadls, 0, "the driver deleted its GPADL at closed");
+    w.host.run_host();
+    assert_eq!(w.host.with_server(|s| s.gpadl_handles().count()), 0);
+    assert_eq!(w.bus.channel_count(), 0);
+}
