@@ -21,3 +21,4 @@ pub mod channel;
 pub mod memory;
 pub mod server;
 pub mod kmcl;
+pub mod ic;
