@@ -103,7 +103,10 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         ),
         Some("panic") => panic!("panic requested by the command line"),
         Some("poweroff") => arch::power::shutdown(arch::power::PowerAction::PowerOff, hyperv::teardown),
-        Some("restart") => arch::power::shutdown(arch::power::PowerAction::Restart, hyperv::teardown),
+        Some("restart") => {
+            let first = arch::power::ResetMethod::first_from(cmdline.get("reset"));
+            arch::power::shutdown(arch::power::PowerAction::Restart(first), hyperv::teardown)
+        }
         Some("fault") => provoke_page_fault(),
         Some("stack-overflow") => {
             log::info!("mode=stack-overflow: recursing until the stack's guard page");

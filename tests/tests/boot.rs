@@ -184,3 +184,23 @@ fn isa_debug_exit_is_not_a_power_off() {
     assert_eq!(run.exit, Exit::GuestFailure);
     assert!(shutdowns.is_empty(), "isa-debug-exit reported as {shutdowns:?}");
 }
+
+/// The restart fallbacks, each started on its own with `reset=`: the 8042 keyboard controller's reset line and a
+/// triple fault both make QEMU report a guest reset, and the log shows the step taken.
+#[test]
+fn restart_fallbacks_keyboard_controller_and_triple_fault_reset() {
+    let tcg = || boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
+    let (run, shutdowns) =
+        tests::boot_kernel_watching_shutdown("restart-keyboard", Some("mode=restart reset=keyboard"), tcg());
+    assert_eq!(shutdowns, ["guest-reset"], "the keyboard controller did not reset; serial:\n{}", run.serial);
+    assert_eq!(run.exit, Exit::Qemu(0));
+    assert!(run.serial.contains("power: restart through the keyboard controller (command 0xfe to port 0x64)"));
+    assert!(!run.serial.contains("ACPI reset register") && !run.serial.contains("still running"), "{}", run.serial);
+
+    let (run, shutdowns) =
+        tests::boot_kernel_watching_shutdown("restart-triple-fault", Some("mode=restart reset=triple-fault"), tcg());
+    assert_eq!(shutdowns, ["guest-reset"], "the triple fault did not reset; serial:\n{}", run.serial);
+    assert_eq!(run.exit, Exit::Qemu(0));
+    assert!(run.serial.contains("power: restart by triple fault (an empty IDT, then int3)"), "{}", run.serial);
+    assert!(!run.serial.contains("keyboard controller") && !run.serial.contains("did not reset"), "{}", run.serial);
+}

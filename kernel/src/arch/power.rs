@@ -55,15 +55,43 @@ const ACPI_ENABLE_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum PowerAction {
     /// Enter ACPI S5 (soft off).
     PowerOff,
-    /// Reset the machine.
-    Restart,
+    /// Reset the machine, trying the reset methods in their order from the given one on.
+    Restart(ResetMethod),
+}
+
+/// The ways [`restart`] resets the machine, in the order it tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ResetMethod {
+    /// RESET_VALUE to the FADT's reset register (ACPI 6.5 §4.8.3.6), when the FADT says it is supported.
+    AcpiResetRegister,
+    /// Command 0xFE to the 8042 keyboard controller, which pulses the CPU reset line.
+    KeyboardController,
+    /// An empty IDT, then an interrupt: the CPU shuts down, and the chipset resets it.
+    TripleFault,
+}
+
+impl ResetMethod {
+    /// The method named `name` on the kernel command line (`reset=acpi|keyboard|triple-fault`, to start the
+    /// sequence further down, e.g. to exercise a fallback); the whole sequence when there is no name. An unknown name
+    /// is logged and means the whole sequence.
+    pub fn first_from(name: Option<&str>) -> ResetMethod {
+        match name {
+            None | Some("acpi") => ResetMethod::AcpiResetRegister,
+            Some("keyboard") => ResetMethod::KeyboardController,
+            Some("triple-fault") => ResetMethod::TripleFault,
+            Some(other) => {
+                log::warn!("power: unknown reset method {other:?}; trying them all");
+                ResetMethod::AcpiResetRegister
+            }
+        }
+    }
 }
 
 impl core::fmt::Display for PowerAction {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {
             PowerAction::PowerOff => "power-off",
-            PowerAction::Restart => "restart",
+            PowerAction::Restart(_) => "restart",
         })
     }
 }
@@ -111,7 +139,7 @@ pub fn shutdown(action: PowerAction, leave_hypervisor: impl FnOnce()) -> ! {
             log::error!("power: power-off failed: {e}");
             exit(ExitCode::Failure)
         }
-        PowerAction::Restart => restart(),
+        PowerAction::Restart(first) => restart(first),
     }
 }
 
@@ -172,23 +200,27 @@ fn enable_acpi_mode(control: &SleepControl) {
 }
 
 /// Resets the machine: the FADT's ACPI reset register if it is supported, else the keyboard controller's reset
-/// line, else a triple fault. Logs each step before taking it.
-pub fn restart() -> ! {
+/// line, else a triple fault, starting at `first` ([`ResetMethod::AcpiResetRegister`] for the whole sequence). Logs
+/// each step before taking it.
+pub fn restart(first: ResetMethod) -> ! {
     interrupts::disable();
-    match ResetRegister::find(acpi::rsdp()) {
-        Ok(reset) => {
-            log::info!("power: restart through the ACPI reset register: {:#x} to {}", reset.value, reset.target);
-            write_reset_register(&reset);
-            wait(STEP_TIMEOUT);
-            log::warn!("power: still running after the ACPI reset register");
+    if first <= ResetMethod::AcpiResetRegister {
+        match ResetRegister::find(acpi::rsdp()) {
+            Ok(reset) => {
+                log::info!("power: restart through the ACPI reset register: {:#x} to {}", reset.value, reset.target);
+                write_reset_register(&reset);
+                wait(STEP_TIMEOUT);
+                log::warn!("power: still running after the ACPI reset register");
+            }
+            Err(e) => log::info!("power: no ACPI reset register ({e})"),
         }
-        Err(e) => log::info!("power: no ACPI reset register ({e})"),
     }
-
-    log::info!("power: restart through the keyboard controller (command {KBC_PULSE_RESET_LINE:#x} to port 0x64)");
-    pulse_keyboard_controller_reset();
-    wait(STEP_TIMEOUT);
-    log::warn!("power: still running after the keyboard-controller reset");
+    if first <= ResetMethod::KeyboardController {
+        log::info!("power: restart through the keyboard controller (command {KBC_PULSE_RESET_LINE:#x} to port 0x64)");
+        pulse_keyboard_controller_reset();
+        wait(STEP_TIMEOUT);
+        log::warn!("power: still running after the keyboard-controller reset");
+    }
 
     log::info!("power: restart by triple fault (an empty IDT, then int3)");
     triple_fault()
