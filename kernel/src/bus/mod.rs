@@ -8,6 +8,7 @@
 //! [`rings`] gives channels their ring pages.
 
 pub mod rings;
+pub mod runtime;
 
 use crate::hyperv::shared_page::SharedPage;
 use crate::hyperv::transport::KernelTransport;

@@ -18,7 +18,108 @@ pub const KTESTS: &[KTest] = &[
     KTest { name: "bus::interrupt_and_monitor_bits", run: interrupt_and_monitor_bits },
     KTest { name: "bus::heap_rings_are_contiguous_pages", run: heap_rings_are_contiguous_pages },
     KTest { name: "bus::balloon_channel_packet_round_trip", run: balloon_channel_packet_round_trip },
+    KTest { name: "bus::kmcl_channel_lifecycle_on_the_host", run: kmcl_channel_lifecycle_on_the_host },
 ];
+
+/// What the test driver saw, in order.
+#[derive(Default)]
+struct Seen {
+    events: alloc::vec::Vec<&'static str>,
+    packets: alloc::vec::Vec<alloc::vec::Vec<u8>>,
+}
+
+/// A KMCL driver for the test: records its callbacks and, once started, sends a Dynamic Memory version request.
+struct RecordingDriver(alloc::sync::Arc<spin::Mutex<Seen>>);
+
+impl vmbus::kmcl::ChannelCallbacks for RecordingDriver {
+    fn opened(&mut self, _: &mut dyn vmbus::kmcl::Kmcl, _: vmbus::kmcl::ChannelHandle) -> vmbus::kmcl::Result<()> {
+        self.0.lock().events.push("opened");
+        Ok(())
+    }
+
+    fn started(&mut self, _: &mut dyn vmbus::kmcl::Kmcl, _: vmbus::kmcl::ChannelHandle) {
+        self.0.lock().events.push("started");
+    }
+
+    fn post_started(&mut self, kmcl: &mut dyn vmbus::kmcl::Kmcl, channel: vmbus::kmcl::ChannelHandle) {
+        self.0.lock().events.push("post_started");
+        let sent = kmcl
+            .packet_allocate(channel)
+            .and_then(|packet| kmcl.packet_send(packet, &dm_version_request(9), None, vmbus::kmcl::SendFlags::NONE));
+        if sent.is_err() {
+            self.0.lock().events.push("send failed");
+        }
+    }
+
+    fn suspend(&mut self, _: &mut dyn vmbus::kmcl::Kmcl, _: vmbus::kmcl::ChannelHandle) {
+        self.0.lock().events.push("suspend");
+    }
+
+    fn closed(&mut self, _: &mut dyn vmbus::kmcl::Kmcl, _: vmbus::kmcl::ChannelHandle) {
+        self.0.lock().events.push("closed");
+    }
+
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn vmbus::kmcl::Kmcl,
+        _: vmbus::kmcl::ChannelHandle,
+        packet: vmbus::kmcl::PacketCompletion,
+        buffer: &[u8],
+        _: vmbus::kmcl::ProcessPacketFlags,
+    ) {
+        self.0.lock().packets.push(buffer.to_vec());
+        let _ = kmcl.packet_complete(packet, &[]);
+    }
+}
+
+/// The KMCL client API against QEMU's host: allocate → init → enable binds the hv-balloon offer and runs Opened →
+/// Started → PostStarted (which sends through the pool), the interrupt path delivers QEMU's answer to
+/// ProcessPacket, and disable runs Suspend → Closed and tears the channel down.
+fn kmcl_channel_lifecycle_on_the_host() -> TestResult {
+    use vmbus::kmcl::{ChannelState, Kmcl};
+    if KernelTransport::new().is_none() {
+        return Err(TestError::Skipped("no Hyper-V hypercalls and SynIC (no VMBus host)".into()));
+    }
+    let mut bus = super::runtime::start().map_err(|e| format!("bus: {e}"))?;
+    if !bus.connection().offers().any(|offer| offer.interface_type == device_class::DYNAMIC_MEMORY) {
+        return Err(TestError::Skipped("the host offers no Dynamic Memory channel".into()));
+    }
+    let seen = alloc::sync::Arc::new(spin::Mutex::new(Seen::default()));
+    let channel = bus.channel_allocate().map_err(|e| format!("allocate: {e}"))?;
+    bus.channel_init_set_maximum_packet_size(channel, 4096).map_err(|e| format!("max packet size: {e}"))?;
+    bus.channel_init_set_ring_buffer_page_count(channel, 5, 5).map_err(|e| format!("ring pages: {e}"))?;
+    bus.channel_init_set_target(channel, device_class::DYNAMIC_MEMORY, None).map_err(|e| format!("target: {e}"))?;
+    bus.channel_init_set_friendly_name(channel, "ktest dm").map_err(|e| format!("name: {e}"))?;
+    bus.channel_init_set_callbacks(channel, alloc::boxed::Box::new(RecordingDriver(seen.clone())))
+        .map_err(|e| format!("callbacks: {e}"))?;
+    bus.channel_enable(channel).map_err(|e| format!("enable: {e}"))?;
+    let deadline = time::now() + 5_000_000_000;
+    while seen.lock().packets.is_empty() && time::now() < deadline {
+        if super::runtime::dispatch(&mut bus) == 0 {
+            bus.connection().transport().wait();
+        }
+    }
+    let state = bus.channel_state(channel).map_err(|e| format!("state: {e}"))?;
+    bus.channel_disable(channel).map_err(|e| format!("disable: {e}"))?;
+    let disabled = bus.channel_state(channel).map_err(|e| format!("state: {e}"))?;
+    bus.channel_cleanup(channel).map_err(|e| format!("cleanup: {e}"))?;
+    bus.connection_mut().unload().map_err(|e| format!("unload: {e}"))?;
+    let seen = seen.lock();
+    log::info!(
+        "bus: KMCL channel on the host: callbacks {:?}, {} packet(s); state while open {state:?}",
+        seen.events,
+        seen.packets.len()
+    );
+    kassert_eq!(seen.events, ["opened", "started", "post_started", "suspend", "closed"]);
+    kassert_eq!(disabled, ChannelState::Disabled);
+    let answer = seen.packets.first().ok_or("QEMU's VERSION_RESPONSE never reached ProcessPacket")?;
+    kassert!(
+        answer.len() >= 16 && answer[0] == 2 && answer[8] & 1 == 1,
+        "not an accepting VERSION_RESPONSE: {answer:?}"
+    );
+    kassert_eq!(&answer[4..8], &9u32.to_le_bytes());
+    Ok(())
+}
 
 fn interrupt_and_monitor_bits() -> TestResult {
     let pages = BusPages::allocate().map_err(|e| format!("{e}"))?;
