@@ -21,4 +21,5 @@ pub mod channel;
 pub mod memory;
 pub mod server;
 pub mod kmcl;
+pub mod dm;
 pub mod ic;
