@@ -103,6 +103,14 @@ pub trait Kmcl {
     /// V4 `InitSetMaximumPacketCount`: bounds the channel's packet pool; `_2` if 0.
     fn channel_init_set_maximum_packet_count(&mut self, channel: ChannelHandle, count: u32) -> Result<()>;
 
+    /// V5 `ClientChannelInitSetTargetProcessorIndex`: the VP (VP_INDEX) that takes the channel's interrupts, sent in
+    /// OPENCHANNEL. Which VPs exist is the kernel's knowledge; the host refuses an open naming a VP it does not have.
+    fn channel_init_set_target_vp(&mut self, channel: ChannelHandle, vp_index: u32) -> Result<()>;
+
+    /// V5 `InitSetInlinePacketContextSize`: bytes of driver context inside every outgoing packet object (added to
+    /// `channel_sizeof_packet`); `_2` above [`super::channel::MAX_CLIENT_CONTEXT_SIZE`].
+    fn channel_init_set_inline_packet_context_size(&mut self, channel: ChannelHandle, size: u32) -> Result<()>;
+
     // ----- channel, any state -----
 
     /// `VmbChannelSetPointer`.
@@ -196,6 +204,10 @@ pub trait Kmcl {
 
     /// `VmbPacketGetPointer`.
     fn packet_pointer(&self, packet: PacketHandle) -> Result<Option<Context>>;
+
+    /// V5 `PacketGetInlinePacketContextPointer`: the packet's inline context (zeroed when the packet is made; it
+    /// keeps its contents across sends until the packet is freed).
+    fn packet_inline_context(&mut self, packet: PacketHandle) -> Result<&mut [u8]>;
 
     /// `VmbPacketGetChannel`, checked: `_1` for a stale packet.
     fn packet_channel(&self, packet: PacketHandle) -> Result<ChannelHandle>;

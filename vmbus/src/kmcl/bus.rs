@@ -139,6 +139,7 @@ enum Routine {
 /// An outgoing packet object.
 struct SentPacket {
     memory: Option<Box<[u8]>>,
+    inline_context: Vec<u8>,
     from_pool: bool,
     routine: Routine,
     pointer: Option<Context>,
@@ -228,6 +229,11 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
         let id = self.next_transaction_id;
         self.next_transaction_id = self.next_transaction_id.wrapping_add(1).max(1);
         id
+    }
+
+    /// `VmbChannelSizeofPacket`: the packet object with its staging area, plus the inline packet context.
+    fn packet_size(&self) -> u32 {
+        sizeof_packet(self.settings.maximum_packet_size) + self.settings.inline_packet_context_size
     }
 
     fn relid(&self) -> Option<u32> {
@@ -555,6 +561,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         let Some(target) = c.settings.target else { return };
         let pipe = c.settings.flags.contains(ChannelInitFlags::IS_PIPE);
         let (outgoing_pages, incoming_pages) = c.settings.ring_page_counts();
+        let target_vp = c.settings.target_vp;
         let claimed: Vec<u32> =
             self.channels.keys().iter().filter_map(|&(i, g)| self.channels.get(i, g)?.relid()).collect();
         let offer = self
@@ -563,6 +570,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             .find(|o| {
                 target.matches(&o.interface_type, &o.interface_instance)
                     && !claimed.contains(&o.child_relid)
+                    && o.sub_channel_index == 0
                     && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
             })
             .cloned();
@@ -572,7 +580,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             Ok(allocated) => allocated,
             Err(status) => return self.fail_open(channel, status),
         };
-        let open = match Channel::open(&mut self.connection, relid, rings, 0, &[]) {
+        let open = match Channel::open(&mut self.connection, relid, rings, target_vp, &[]) {
             Ok(open) => open,
             Err(error) => {
                 // Channel::open tears its GPADL down on failure; only then are the pages surely the guest's again.
@@ -1303,6 +1311,27 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         Ok(())
     }
 
+    fn channel_init_set_target_vp(&mut self, channel: ChannelHandle, vp_index: u32) -> Result<()> {
+        self.disabled_mut(channel)?.settings.target_vp = vp_index;
+        Ok(())
+    }
+
+    fn channel_init_set_inline_packet_context_size(&mut self, channel: ChannelHandle, size: u32) -> Result<()> {
+        let c = self.disabled_mut(channel)?;
+        if size > MAX_CLIENT_CONTEXT_SIZE {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.settings.inline_packet_context_size = size;
+        c.pool.clear();
+        Ok(())
+    }
+
+    fn packet_inline_context(&mut self, packet: PacketHandle) -> Result<&mut [u8]> {
+        let c = self.chan_mut(packet.channel)?;
+        let p = c.packets.get_mut(packet.index, packet.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        Ok(&mut p.inline_context)
+    }
+
     fn channel_set_pointer(&mut self, channel: ChannelHandle, context: Option<Context>) -> Result<()> {
         self.chan_mut(channel)?.pointer = context;
         Ok(())
@@ -1336,7 +1365,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
     }
 
     fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32> {
-        Ok(sizeof_packet(self.chan(channel)?.settings.maximum_packet_size))
+        Ok(self.chan(channel)?.packet_size())
     }
 
     fn channel_send_synchronous_request(
@@ -1476,13 +1505,14 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         if c.pool_in_use >= c.settings.maximum_packet_count {
             return Err(NtStatus::INSUFFICIENT_RESOURCES);
         }
-        let size = sizeof_packet(c.settings.maximum_packet_size) as usize;
+        let size = c.packet_size() as usize;
         let memory = match c.pool.pop() {
             Some(memory) if memory.len() == size => memory,
             _ => vec![0u8; size].into_boxed_slice(),
         };
         let packet = SentPacket {
             memory: Some(memory),
+            inline_context: vec![0; c.settings.inline_packet_context_size as usize],
             from_pool: true,
             routine: Routine::FreeOnCompletion,
             pointer: None,
@@ -1495,11 +1525,12 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
 
     fn packet_initialize(&mut self, channel: ChannelHandle, memory: Box<[u8]>) -> Result<PacketHandle> {
         let c = self.chan_mut(channel)?;
-        if memory.len() < sizeof_packet(c.settings.maximum_packet_size) as usize {
+        if memory.len() < c.packet_size() as usize {
             return Err(NtStatus::INVALID_PARAMETER_3);
         }
         let packet = SentPacket {
             memory: Some(memory),
+            inline_context: vec![0; c.settings.inline_packet_context_size as usize],
             from_pool: false,
             routine: Routine::Unset,
             pointer: None,

@@ -137,6 +137,11 @@ pub struct ChannelSettings {
     pub maximum_packet_count: u32,
     /// Most incoming packets delivered and not yet completed (row 27); 0 = no limit.
     pub transaction_quota: u32,
+    /// The VP (its VP_INDEX) the host interrupts for this channel, sent in OPENCHANNEL (V5
+    /// `ClientChannelInitSetTargetProcessorIndex`).
+    pub target_vp: u32,
+    /// Bytes of inline context in every outgoing packet object (V5 `InitSetInlinePacketContextSize`).
+    pub inline_packet_context_size: u32,
 }
 
 impl Default for ChannelSettings {
@@ -151,6 +156,8 @@ impl Default for ChannelSettings {
             target: None,
             maximum_packet_count: DEFAULT_MAXIMUM_PACKET_COUNT,
             transaction_quota: 0,
+            target_vp: 0,
+            inline_packet_context_size: 0,
         }
     }
 }

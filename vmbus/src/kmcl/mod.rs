@@ -9,68 +9,80 @@
 //!   this layer (`Ok` = `STATUS_SUCCESS`; `Err` = the status the Windows page documents for that failure).
 //! - [`handle`]: handle tables (per context and the kernel's) with generation-checked handles, and
 //!   [`Handles::vmb_convert_vmbus_handle_to_kernel_handle`].
+//! - The client side: [`Kmcl`] ([`api`]) is `KMCL_CLIENT_INTERFACE_V1` as one object-safe trait; [`Bus`] ([`bus`])
+//!   implements it over the guest's [`Connection`](crate::client::Connection) and
+//!   [`Channel`](crate::channel::Channel), with rings from a [`RingAllocator`], and dispatches interrupts and control
+//!   messages ([`Bus::process_interrupt`], [`Bus::poll`]) to the driver's [`ChannelCallbacks`] ([`channel`]).
+//!   Packets and their flags are in [`packet`], GPADLs in [`gpadl`].
+//! - [`echo`]: an example driver written only against [`Kmcl`], the starting point for a new driver.
 //!
-//! # Conventions for the rows still to build
-//! - A `VMBCHANNEL` becomes a `Channel` (`kmcl::channel`), a `VMBPACKET` a `Packet` and a `VMBPACKETCOMPLETION` a
-//!   `PacketCompletion` (`kmcl::packet`), a GPADL handle a `GpadlHandle` (`kmcl::gpadl`); server-only methods live on
-//!   a `ServerChannel` (`kmcl::server`, over `vmbus::server`).
-//! - `VmbChannelInitSetX` becomes `Channel::init_set_x`; "set/get pointer" becomes a typed context
-//!   (`Arc<dyn Any + Send + Sync>`) instead of a `void *`.
-//! - Windows notions without a counterpart: an **MDL** becomes a buffer or a PFN list (GPA-direct ranges); **IRQL**
-//!   (DISPATCH vs PASSIVE) becomes interrupt context vs task context; **PnP** device objects become offer matching
-//!   (interface type and instance of a channel offer); `DEVICE_OBJECT` parents become the bus connection.
+//! # Conventions
+//! - A `VMBCHANNEL` is a [`ChannelHandle`], a `VMBPACKET` a [`PacketHandle`], a `VMBPACKETCOMPLETION` a
+//!   [`PacketCompletion`], a GPADL handle a [`GpadlHandle`]: generation-checked handles into the [`Bus`]'s tables, so
+//!   a stale or forged one is refused ([`NtStatus::INVALID_PARAMETER_1`]) and never reaches a newer object.
+//! - `VmbChannelX(Channel, …)` is `kmcl.channel_x(channel, …)`, `VmbPacketX(Packet, …)` is
+//!   `kmcl.packet_x(packet, …)`, `VmbChannelPacketX(PacketCompletion, …)` is `kmcl.packet_x(completion, …)`;
+//!   server-only methods are planned on a `ServerChannel` (`kmcl::server`, over `vmbus::server`).
+//! - "set/get pointer" is a typed [`Context`] (`Arc<dyn Any + Send + Sync>`) instead of a `void *`; callback function
+//!   pointers and their context are a [`ChannelCallbacks`] trait object and [`CompletionRoutine`] closures.
+//! - Windows notions without a counterpart: an **MDL** becomes a PFN list with offset and length
+//!   ([`ExternalRange`], GPA-direct ranges on the wire, or a [`PhysicalBuffer`]); **IRQL** (DISPATCH vs PASSIVE)
+//!   becomes interrupt context ([`Bus::process_interrupt`]) vs task context ([`Bus::poll`]); **PnP** arrival
+//!   becomes offer matching (interface type and instance of a primary offer); the parent `DEVICE_OBJECT` becomes the
+//!   [`Bus`]; **waiting** (KeWaitForSingleObject in synchronous requests) becomes polling the channel's ring and the
+//!   transport with a deadline from `VmbusTransport::now_ns`.
 //! - Invalid arguments and calls in the wrong state return the status the Windows page names
-//!   ([`NtStatus::INVALID_PARAMETER_1`] for a channel that is invalid or in the wrong state, and so on); nothing
-//!   panics.
+//!   ([`NtStatus::INVALID_PARAMETER_1`] for a channel that is invalid or in the wrong state, `_n` for the n-th
+//!   parameter of the Windows function); nothing panics. Each method's documentation lists its statuses.
 //!
 //! # Mapping of the Windows API
-//! Status: **done** (built and covered by tests), **planned: `<where>`** (the intended Rust name and module, to be
-//! built), or **no counterpart: …** (what a unikernel driver uses instead).
+//! Status: **done** (built and covered by tests in `kmcl::tests`), **planned: `<where>`** (the intended Rust name and
+//! module, to be built), or **no counterpart: …** (what a unikernel driver uses instead).
 //!
 //! ## Client interface (`KMCL_CLIENT_INTERFACE_V1`, 41 entries in interface order)
-//! | # | Windows | Rust | status |
+//! | # | Windows | Rust ([`Kmcl`] methods) | status |
 //! |---|---|---|---|
-//! | 1 | `VmbChannelAllocate` | `Channel::allocate(connection, ChannelRole)` | planned: `kmcl::channel` (the parent device object is the bus connection) |
-//! | 2 | `VmbChannelCleanup` | `Channel::cleanup(self)` | planned: `kmcl::channel` |
-//! | 3 | `VmbChannelCreateGpadlFromBuffer` | `Channel::create_gpadl_from_buffer` | planned: `kmcl::gpadl` |
-//! | 4 | `VmbChannelCreateGpadlFromMdl` | `Channel::create_gpadl_from_pfn_list` | no counterpart: no MDLs; a PFN list with offset and length describes the same memory (row V4 below) |
-//! | 5 | `VmbChannelDeleteGpadl` | `Channel::delete_gpadl` | planned: `kmcl::gpadl` |
-//! | 6 | `VmbChannelDisable` | `Channel::disable` | planned: `kmcl::channel` |
-//! | 7 | `VmbChannelEnable` | `Channel::enable` | planned: `kmcl::channel` |
-//! | 8 | `VmbChannelGetInterfaceInstance` | `Channel::interface_instance` | planned: `kmcl::channel` |
-//! | 9 | `VmbChannelGetMmioSpace` | `Channel::mmio_space` | planned: `kmcl::channel` |
-//! | 10 | `VmbChannelGetPointer` | `Channel::pointer` | planned: `kmcl::channel` (typed context, not `void *`) |
-//! | 11 | `VmbChannelInitSetClientContextSize` | `Channel::init_set_client_context_size` | planned: `kmcl::channel` |
-//! | 12 | `VmbChannelInitSetFlags` | `Channel::init_set_flags(ChannelInitFlags)` | planned: `kmcl::channel` (`IS_PIPE`) |
-//! | 13 | `VmbChannelInitSetFriendlyName` | `Channel::init_set_friendly_name` | planned: `kmcl::channel` |
-//! | 14 | `VmbChannelInitSetMaximumExternalData` | `Channel::init_set_maximum_external_data` | planned: `kmcl::channel` |
-//! | 15 | `VmbChannelInitSetMaximumPacketSize` | `Channel::init_set_maximum_packet_size` | planned: `kmcl::channel` |
-//! | 16 | `VmbChannelInitSetProcessPacketCallbacks` | `Channel::init_set_process_packet_callbacks` | planned: `kmcl::channel` |
-//! | 17 | `VmbChannelInitSetStateChangeCallbacks` | `Channel::init_set_state_change_callbacks` | planned: `kmcl::channel` (the version/size check becomes a `StateChangeCallbacks` value with a version field) |
-//! | 18 | `VmbChannelPacketComplete` | `PacketCompletion::complete` | planned: `kmcl::packet` |
-//! | 19 | `VmbChannelPacketDeferToPassive` | `PacketCompletion::defer_to_task` | planned: `kmcl::packet` (PASSIVE_LEVEL becomes task context) |
-//! | 20 | `VmbChannelPacketFail` | `PacketCompletion::fail` | planned: `kmcl::packet` |
-//! | 21 | `VmbChannelPacketGetExternalData` | `PacketCompletion::external_data` | planned: `kmcl::packet` (a PFN list instead of an MDL; pending is an `Ok` variant) |
-//! | 22 | `VmbChannelPause` | `Channel::pause` | planned: `kmcl::channel` |
-//! | 23 | `VmbChannelSendSynchronousRequest` | `Channel::send_synchronous_request` | planned: `kmcl::packet` |
-//! | 24 | `VmbChannelSetIncomingProcessingAtPassive` | `Channel::set_incoming_processing_in_task` | planned: `kmcl::channel` (IRQL becomes interrupt vs task context) |
-//! | 25 | `VmbChannelSetInterruptLatency` | `Channel::set_interrupt_latency` | planned: `kmcl::channel` |
-//! | 26 | `VmbChannelSetPointer` | `Channel::set_pointer` | planned: `kmcl::channel` |
-//! | 27 | `VmbChannelSetTransactionQuota` | `Channel::set_transaction_quota` | planned: `kmcl::channel` |
-//! | 28 | `VmbChannelSizeofPacket` | `Channel::sizeof_packet` | planned: `kmcl::packet` |
-//! | 29 | `VmbChannelStart` | `Channel::start` | planned: `kmcl::channel` |
-//! | 30 | `VmbClientChannelInitSetRingBufferPageCount` | `Channel::init_set_ring_buffer_page_count` | planned: `kmcl::channel` |
-//! | 31 | `VmbClientChannelInitSetTargetPnp` | `Channel::init_set_target` | planned: `kmcl::channel` (PnP becomes offer matching by interface type and instance) |
-//! | 32 | `VmbPacketAllocate` | `Packet::allocate` | planned: `kmcl::packet` (per-channel pool) |
-//! | 33 | `VmbPacketFree` | `Packet::free` | planned: `kmcl::packet` |
-//! | 34 | `VmbPacketGetChannel` | `Packet::channel` | planned: `kmcl::packet` |
-//! | 35 | `VmbPacketGetPointer` | `Packet::pointer` | planned: `kmcl::packet` |
-//! | 36 | `VmbPacketInitialize` | `Packet::initialize` | planned: `kmcl::packet` (caller's memory; [`NtStatus::INVALID_PARAMETER_3`] when too small) |
-//! | 37 | `VmbPacketSend` | `Packet::send` | planned: `kmcl::packet` |
-//! | 38 | `VmbPacketSendWithExternalMdl` | `Packet::send_with_external_pfns` | no counterpart: no MDLs; row 39 sends the same data from a PFN list |
-//! | 39 | `VmbPacketSendWithExternalPfns` | `Packet::send_with_external_pfns` | planned: `kmcl::packet` |
-//! | 40 | `VmbPacketSetCompletionRoutine` | `Packet::set_completion_routine` | planned: `kmcl::packet` |
-//! | 41 | `VmbPacketSetPointer` | `Packet::set_pointer` | planned: `kmcl::packet` |
+//! | 1 | `VmbChannelAllocate` | [`Kmcl::channel_allocate`] | **done** (client channels; the parent device object is the [`Bus`]; `IsServer` channels are planned in `kmcl::server`) |
+//! | 2 | `VmbChannelCleanup` | [`Kmcl::channel_cleanup`] | **done** |
+//! | 3 | `VmbChannelCreateGpadlFromBuffer` | [`Kmcl::channel_create_gpadl_from_buffer`] | **done** (the buffer is a [`PhysicalBuffer`]: a `no_std` library cannot look up the pages of a virtual address) |
+//! | 4 | `VmbChannelCreateGpadlFromMdl` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done**, no MDL: a PFN list with offset and length describes the same memory |
+//! | 5 | `VmbChannelDeleteGpadl` | [`Kmcl::channel_delete_gpadl`] | **done** (GPADLs left at `closed` are deleted by the bus and counted in [`BusStats::leaked_gpadls`]) |
+//! | 6 | `VmbChannelDisable` | [`Kmcl::channel_disable`] | **done** |
+//! | 7 | `VmbChannelEnable` | [`Kmcl::channel_enable`] | **done** (binds to a matching offer now or when one is offered) |
+//! | 8 | `VmbChannelGetInterfaceInstance` | [`Kmcl::channel_interface_instance`] | **done** |
+//! | 9 | `VmbChannelGetMmioSpace` | `Kmcl::channel_mmio_space` | planned: needs an MMIO range allocator for VMBus devices in the kernel (none yet); the size the device wants is `channel_offer(..).mmio_megabytes` |
+//! | 10 | `VmbChannelGetPointer` | [`Kmcl::channel_pointer`] | **done** (typed context) |
+//! | 11 | `VmbChannelInitSetClientContextSize` | [`Kmcl::channel_init_set_client_context_size`] | **done** (the area: [`Kmcl::packet_client_context`]) |
+//! | 12 | `VmbChannelInitSetFlags` | [`Kmcl::channel_init_set_flags`] | **done** (`IS_PIPE`: binds only to named-pipe offers) |
+//! | 13 | `VmbChannelInitSetFriendlyName` | [`Kmcl::channel_init_set_friendly_name`] | **done** (used in logs) |
+//! | 14 | `VmbChannelInitSetMaximumExternalData` | [`Kmcl::channel_init_set_maximum_external_data`] | **done** (rings sized to fit; both directions checked) |
+//! | 15 | `VmbChannelInitSetMaximumPacketSize` | [`Kmcl::channel_init_set_maximum_packet_size`] | **done** (drives ring sizing and `SizeofPacket`; larger incoming packets are dropped and counted) |
+//! | 16 | `VmbChannelInitSetProcessPacketCallbacks` | [`Kmcl::channel_init_set_callbacks`] | **done**: one [`ChannelCallbacks`] trait holds the packet and the state-change callbacks |
+//! | 17 | `VmbChannelInitSetStateChangeCallbacks` | [`Kmcl::channel_init_set_callbacks`] | **done**; the version/size check (`_2`) has no counterpart: the trait type is checked by the compiler |
+//! | 18 | `VmbChannelPacketComplete` | [`Kmcl::packet_complete`] | **done** |
+//! | 19 | `VmbChannelPacketDeferToPassive` | [`Kmcl::packet_defer_to_task`] | **done** (PASSIVE_LEVEL becomes task context) |
+//! | 20 | `VmbChannelPacketFail` | [`Kmcl::packet_fail`] | **done** (stops the queue until the channel is disabled) |
+//! | 21 | `VmbChannelPacketGetExternalData` | [`Kmcl::packet_external_data`] | **done**: the GPA-direct ranges as [`ExternalRange`]s instead of an MDL; never pending (the ranges arrive with the packet) |
+//! | 22 | `VmbChannelPause` | [`Kmcl::channel_pause`] | **done**; it does not wait for outstanding incoming packets (one thread: the driver completes them in `suspend`) |
+//! | 23 | `VmbChannelSendSynchronousRequest` | [`Kmcl::channel_send_synchronous_request`] | **done** (timeout → `CANCELLED`, as Windows cancels the packet at its timeout) |
+//! | 24 | `VmbChannelSetIncomingProcessingAtPassive` | [`Kmcl::channel_set_incoming_processing_in_task`] | **done** (IRQL becomes interrupt vs task context) |
+//! | 25 | `VmbChannelSetInterruptLatency` | `Kmcl::channel_set_interrupt_latency` | planned: the monitored-notification latency lives in the monitor page, which `vmbus::channel::InterruptPages` does not expose yet |
+//! | 26 | `VmbChannelSetPointer` | [`Kmcl::channel_set_pointer`] | **done** |
+//! | 27 | `VmbChannelSetTransactionQuota` | [`Kmcl::channel_set_transaction_quota`] | **done** (a blocked queue restarts on completion) |
+//! | 28 | `VmbChannelSizeofPacket` | [`Kmcl::channel_sizeof_packet`] | **done** ([`packet::sizeof_packet`]) |
+//! | 29 | `VmbChannelStart` | [`Kmcl::channel_start`] | **done** |
+//! | 30 | `VmbClientChannelInitSetRingBufferPageCount` | [`Kmcl::channel_init_set_ring_buffer_page_count`] | **done** (control page included; the pages come from the [`RingAllocator`]) |
+//! | 31 | `VmbClientChannelInitSetTargetPnp` | [`Kmcl::channel_init_set_target`] | **done**: PnP becomes offer matching; the PnP failure callback is [`ChannelCallbacks::pnp_failure`] |
+//! | 32 | `VmbPacketAllocate` | [`Kmcl::packet_allocate`] | **done** (bounded per-channel pool; `INSUFFICIENT_RESOURCES` instead of NULL) |
+//! | 33 | `VmbPacketFree` | [`Kmcl::packet_free`] | **done** |
+//! | 34 | `VmbPacketGetChannel` | [`Kmcl::packet_channel`], [`PacketHandle::channel`] | **done** |
+//! | 35 | `VmbPacketGetPointer` | [`Kmcl::packet_pointer`] | **done** |
+//! | 36 | `VmbPacketInitialize` | [`Kmcl::packet_initialize`] | **done** (caller's memory; [`NtStatus::INVALID_PARAMETER_3`] when smaller than `SizeofPacket`; unsendable until a completion routine is set) |
+//! | 37 | `VmbPacketSend` | [`Kmcl::packet_send`] | **done** (`WAIT_FOR_COMPLETION`; external data as GPA-direct ranges; a full ring queues) |
+//! | 38 | `VmbPacketSendWithExternalMdl` | [`Kmcl::packet_send`] with [`ExternalRange`]s | **done**, no MDL: a range carries the offset and length an MDL would |
+//! | 39 | `VmbPacketSendWithExternalPfns` | [`Kmcl::packet_send_with_external_pfns`] | **done** |
+//! | 40 | `VmbPacketSetCompletionRoutine` | [`Kmcl::packet_set_completion_routine`] | **done** |
+//! | 41 | `VmbPacketSetPointer` | [`Kmcl::packet_set_pointer`] | **done** |
 //!
 //! ## Server-only methods (`KMCL_SERVER_ONLY_METHODS`, 14)
 //! | Windows | Rust | status |
@@ -93,29 +105,33 @@
 //! ## Later interface versions (names as `kmcl-api.md` lists them; Windows documents no signatures)
 //! | version | Windows | Rust | status |
 //! |---|---|---|---|
-//! | V2 | `PacketGetClientContext` | `PacketCompletion::client_context` | planned: `kmcl::packet` (the area sized by row 11) |
-//! | V2 | `GetTargetDeviceObject` | — | no counterpart: no device objects; the channel's offer (`Channel::offer`, planned) identifies the device |
-//! | V2 | `GetParentDeviceObject` | — | no counterpart: no device objects; the parent is the bus connection the channel was allocated on |
-//! | V3 | `InitSetBounceBufferSizes` | `Channel::init_set_bounce_buffer_sizes` | planned: `kmcl::channel` (only meaningful in an isolated VM, where the host cannot reach private memory) |
-//! | V3 | `AllocateBounceBuffer` | `Channel::allocate_bounce_buffer` | planned: `kmcl::channel` (isolated VMs, as above) |
-//! | V4 | `InitSetMaximumPacketCount` | `Channel::init_set_maximum_packet_count` | planned: `kmcl::packet` (bounds the per-channel packet pool) |
-//! | V4 | `CreateGpadlFromPfnList` | `Channel::create_gpadl_from_pfn_list` | planned: `kmcl::gpadl` (read-only flag) |
-//! | V5 | `InitSetPrimaryChannel` | `Channel::init_set_primary_channel` | planned: `kmcl::channel` (sub-channels) |
-//! | V5 | `ChannelInitialize` | — | no counterpart: a channel in caller-supplied memory; in Rust the caller stores the `Channel` value where it wants, so `Channel::allocate` covers it |
-//! | V5 | `SetAllowableDpcCpuUsage` | — | no counterpart: no DPCs and no DPC watchdog; the channel layer bounds each interrupt-context batch itself |
-//! | V5 | `ClientChannelInitSetTargetProcessorIndex` | `Channel::init_set_target_vp` | planned: `kmcl::channel` (the VP that takes the channel's interrupts) |
-//! | V5 | `SizeofChannel` | — | no counterpart: pairs with `ChannelInitialize`; `core::mem::size_of` answers it |
-//! | V5 | `InitSetInlinePacketContextSize` | `Channel::init_set_inline_packet_context_size` | planned: `kmcl::packet` |
-//! | V5 | `PacketGetInlinePacketContextPointer` | `Packet::inline_context` | planned: `kmcl::packet` |
-//! | V5 | `InitSetProcessPacketCallbacksEx` | `Channel::init_set_process_packet_callbacks` | planned: `kmcl::channel` (the extended parameters are part of the one callback trait) |
-//! | V5 | `PacketSetCompletionRoutineEx` | `Packet::set_completion_routine` | planned: `kmcl::packet` (a closure carries the extra context) |
+//! | V2 | `PacketGetClientContext` | [`Kmcl::packet_client_context`] | **done** (the area sized by row 11) |
+//! | V2 | `GetTargetDeviceObject` | [`Kmcl::channel_offer`] | **done**, no device objects: the bound offer identifies the device |
+//! | V2 | `GetParentDeviceObject` | — | no counterpart: no device objects; the parent is the [`Bus`] the channel was allocated on |
+//! | V3 | `InitSetBounceBufferSizes` | `Kmcl::channel_init_set_bounce_buffer_sizes` | planned: `kmcl::channel` (only meaningful in an isolated VM, where the host cannot reach private memory) |
+//! | V3 | `AllocateBounceBuffer` | `Kmcl::channel_allocate_bounce_buffer` | planned: `kmcl::channel` (isolated VMs, as above) |
+//! | V4 | `InitSetMaximumPacketCount` | [`Kmcl::channel_init_set_maximum_packet_count`] | **done** (bounds the per-channel packet pool) |
+//! | V4 | `CreateGpadlFromPfnList` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done** (`READ_ONLY` recorded, [`Kmcl::gpadl_is_read_only`]: GPADL_HEADER has no read-only bit, so the host is not told) |
+//! | V5 | `InitSetPrimaryChannel` | `Kmcl::channel_init_set_primary_channel` | planned: sub-channels (the client connection has no sub-channel request yet; channels bind to primary offers only) |
+//! | V5 | `ChannelInitialize` | — | no counterpart: a channel in caller-supplied memory; the [`Bus`] owns channel objects and hands out handles, so [`Kmcl::channel_allocate`] covers it |
+//! | V5 | `SetAllowableDpcCpuUsage` | — | no counterpart: no DPCs and no DPC watchdog; the kernel decides how long it stays in [`Bus::process_interrupt`] |
+//! | V5 | `ClientChannelInitSetTargetProcessorIndex` | [`Kmcl::channel_init_set_target_vp`] | **done** (the VP_INDEX sent in OPENCHANNEL) |
+//! | V5 | `SizeofChannel` | — | no counterpart: pairs with `ChannelInitialize` |
+//! | V5 | `InitSetInlinePacketContextSize` | [`Kmcl::channel_init_set_inline_packet_context_size`] | **done** (added to `SizeofPacket`) |
+//! | V5 | `PacketGetInlinePacketContextPointer` | [`Kmcl::packet_inline_context`] | **done** |
+//! | V5 | `InitSetProcessPacketCallbacksEx` | [`Kmcl::channel_init_set_callbacks`] | **done** (the extended parameters are part of the one callback trait) |
+//! | V5 | `PacketSetCompletionRoutineEx` | [`Kmcl::packet_set_completion_routine`] | **done** (a closure carries the extra context) |
 //!
-//! ## Types and statuses
+//! ## Types, statuses and additions
 //! | Windows | Rust | status |
 //! |---|---|---|
 //! | `NTSTATUS`, `NT_SUCCESS`, `STATUS_*` | [`NtStatus`], [`NtStatus::is_success`], the `NtStatus` constants | **done**: [`status`] |
 //! | `HANDLE` (user mode, per process) | [`Handle<T>`], [`RawHandle`]; the process is a [`ContextId`] | **done**: [`handle`] |
 //! | `HANDLE` (kernel) | [`KernelHandle`] | **done**: [`handle`] |
+//! | `VMBCHANNEL`, `VMBPACKET`, `VMBPACKETCOMPLETION` | [`ChannelHandle`], [`PacketHandle`], [`PacketCompletion`] | **done** (generation-checked) |
+//! | `VMBUS_CHANNEL_INIT_FLAG_*`, `VMBUS_CHANNEL_FORMAT_FLAG_*`, `VMBUS_GPADL_FLAG_*` | [`ChannelInitFlags`], [`SendFlags`], [`GpadlFlags`] | **done** (unknown bits → `_2`/`_5`/`_6` as documented per method) |
+//! | `EvtChannel*`, `EvtPacketCompletion` | [`ChannelCallbacks`], [`CompletionRoutine`] | **done** |
+//! | — | [`Kmcl::channel_state`], [`Kmcl::packet_transaction_id`], [`Kmcl::packet_completion_requested`], [`Bus::stats`] | additions for diagnostics, tests and device protocols that echo ids |
 
 pub mod api;
 pub mod bus;
@@ -130,13 +146,14 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
-pub use handle::{
-    ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle,
-    VmbusPartition,
-};
 pub use api::Kmcl;
-pub use bus::{Bus, BusStats, RingAllocator};
-pub use channel::{ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, TargetInterface};
+pub use bus::{Bus, BusStats, ExecutionContext, RingAllocator};
+pub use channel::{
+    ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, TargetInterface,
+};
 pub use gpadl::{GpadlFlags, GpadlHandle, PhysicalBuffer};
+pub use handle::{
+    ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle, VmbusPartition,
+};
 pub use packet::{CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags};
 pub use status::{NtStatus, Result, Severity};

@@ -347,15 +347,24 @@ fn an_enabled_channel_waits_for_its_offer_and_binds_on_hot_add() {
 }
 
 #[test]
-fn a_pipe_channel_binds_only_to_a_pipe_offer() {
+fn a_pipe_channel_binds_only_to_a_pipe_offer_and_no_channel_to_a_sub_channel() {
     let mut pipe = OfferSpec::new(device_class::HEARTBEAT, INSTANCE);
     pipe.flags = OfferFlags::NAMED_PIPE_MODE;
-    let mut w = world_with(&[OfferSpec::new(device_class::HEARTBEAT, INSTANCE), pipe]);
+    let mut sub = OfferSpec::new(device_class::HEARTBEAT, INSTANCE);
+    sub.sub_channel_index = 1;
+    let mut w = world_with(&[sub, OfferSpec::new(device_class::HEARTBEAT, INSTANCE), pipe]);
     let log = Arc::clone(&w.log);
     let channel = w.channel(Recorder::new(&log));
     w.bus.channel_init_set_flags(channel, ChannelInitFlags::IS_PIPE).unwrap();
+    w.bus.channel_init_set_target_vp(channel, 0).unwrap();
     w.bus.channel_enable(channel).unwrap();
-    assert_eq!(w.bus.channel_relid(channel), Ok(2));
+    assert_eq!(w.bus.channel_relid(channel), Ok(3));
+    assert_eq!(w.bus.channel_init_set_target_vp(channel, 1), Err(NtStatus::INVALID_PARAMETER_1));
+    let plain = w.channel(Recorder::new(&log));
+    w.bus.channel_init_set_target_vp(plain, 3).unwrap();
+    w.bus.channel_enable(plain).unwrap();
+    assert_eq!(w.bus.channel_relid(plain), Ok(2), "the primary channel, not the sub-channel at relid 1");
+    assert_eq!(w.host.with_server(|s| s.open_channel_info(2).map(|info| info.target_vp)), Some(3));
 }
 
 #[test]
@@ -496,6 +505,22 @@ fn packet_initialize_follows_the_seed_page_and_needs_a_completion_routine() {
     // The caller's memory comes back whole.
     let memory = w.bus.packet_free(packet).unwrap().unwrap();
     assert_eq!(memory.len(), size as usize + 5);
+    // An inline packet context makes the packet larger.
+    let second = w.bus.channel_allocate().unwrap();
+    w.bus.channel_init_set_maximum_packet_size(second, 256).unwrap();
+    assert_eq!(w.bus.channel_init_set_inline_packet_context_size(second, 1 << 20), Err(NtStatus::INVALID_PARAMETER_2));
+    w.bus.channel_init_set_inline_packet_context_size(second, 24).unwrap();
+    assert_eq!(w.bus.channel_sizeof_packet(second), Ok(size + 24));
+    assert_eq!(
+        w.bus.packet_initialize(second, vec![0u8; size as usize].into_boxed_slice()),
+        Err(NtStatus::INVALID_PARAMETER_3)
+    );
+    let with_context = w.bus.packet_initialize(second, vec![0u8; size as usize + 24].into_boxed_slice()).unwrap();
+    let area = w.bus.packet_inline_context(with_context).unwrap();
+    assert_eq!(area.len(), 24);
+    area[0] = 9;
+    assert_eq!(w.bus.packet_inline_context(with_context).unwrap()[0], 9);
+    assert_eq!(w.bus.packet_allocate(second).map(|p| w.bus.packet_inline_context(p).map(|a| a.len())), Ok(Ok(24)));
     assert_eq!(w.bus.packet_free(packet), Err(NtStatus::INVALID_PARAMETER_1));
     assert_eq!(w.bus.packet_pointer(packet).err(), Some(NtStatus::INVALID_PARAMETER_1));
 }
@@ -616,7 +641,7 @@ fn a_synchronous_request_waits_for_its_completion_and_queues_other_packets() {
     // Without WAIT_FOR_COMPLETION it returns once the packet is in the ring.
     w.bus.set_idle_hook(None);
     assert_eq!(w.bus.channel_send_synchronous_request(channel, b"note", None, SendFlags::NONE, None, Some(0)), Ok(0));
-    assert_eq!(host.lock().read_all()[0].completion_requested, false);
+    assert!(!host.lock().read_all()[0].completion_requested);
 }
 
 #[test]
@@ -1164,6 +1189,9 @@ fn deferred_packets_and_task_only_channels_are_delivered_from_poll() {
     assert_eq!(w.take_log(), strings(&["packet at passive flags 0", "processing_complete 1"]));
 }
 
+/// The echo device's host end (created once the channel is open) and the echoes it collected.
+type EchoDevice = (Option<HostEnd>, Vec<Vec<u8>>);
+
 /// The example echo device's side: answers the hello with version 1 and pings with the payload reversed, and
 /// collects the driver's echoes.
 fn echo_device_turn(host: &mut HostEnd, echoes: &mut Vec<Vec<u8>>) {
@@ -1183,7 +1211,7 @@ fn echo_device_turn(host: &mut HostEnd, echoes: &mut Vec<Vec<u8>>) {
 #[test]
 fn the_example_echo_driver_end_to_end() {
     let mut w = world_with(&[OfferSpec::new(echo::ECHO_INTERFACE_TYPE, INSTANCE)]);
-    let device: Arc<Mutex<(Option<HostEnd>, Vec<Vec<u8>>)>> = Arc::default();
+    let device: Arc<Mutex<EchoDevice>> = Arc::default();
     let (player, allocator) = (Arc::clone(&device), w.allocator.clone());
     w.bus.set_idle_hook(Some(Box::new(move || {
         let mut device = player.lock();
