@@ -12,6 +12,7 @@ use core::fmt;
 use super::framing::{FrameError, IcFrame, build_response};
 use super::negotiate::{NegotiatedVersions, NegotiationFailure, VersionPreferences, answer_negotiate};
 use super::wire::{IcFlags, IcMessageType, IcStatus};
+use crate::protocol::guid::Guid;
 
 /// What a handled message asks of the kernel, common part and service part.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +116,36 @@ impl fmt::Display for IcFailure {
 
 /// The result of a service's `handle`.
 pub type IcResult<A> = Result<IcReply<A>, IcFailure>;
+
+/// What every guest IC service offers a channel driver: the offer class it binds to (§8) and "bytes in → action,
+/// bytes out". A KMCL driver can be written once, generic over this trait.
+pub trait GuestIcService {
+    /// The service-specific action of a handled message.
+    type Action;
+    /// The device class GUID of the offers this service serves (§8).
+    const INTERFACE_ID: Guid;
+    /// Handle one received in-band payload.
+    fn handle(&mut self, payload: &[u8]) -> IcResult<Self::Action>;
+    /// The versions in force, once negotiated.
+    fn negotiated(&self) -> Option<NegotiatedVersions>;
+}
+
+/// Implement [`GuestIcService`] for a service whose inherent `handle`/`negotiated` have the trait's shape.
+macro_rules! impl_guest_service {
+    ($service:ty, $action:ty, $class:ident) => {
+        impl $crate::ic::guest::GuestIcService for $service {
+            type Action = $action;
+            const INTERFACE_ID: $crate::protocol::guid::Guid = $crate::protocol::guid::device_class::$class;
+            fn handle(&mut self, payload: &[u8]) -> $crate::ic::guest::IcResult<$action> {
+                <$service>::handle(self, payload)
+            }
+            fn negotiated(&self) -> Option<$crate::ic::negotiate::NegotiatedVersions> {
+                <$service>::negotiated(self)
+            }
+        }
+    };
+}
+pub(crate) use impl_guest_service;
 
 /// What [`GuestChannel::receive`] found in a payload.
 #[derive(Debug)]

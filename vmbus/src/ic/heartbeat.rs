@@ -17,6 +17,9 @@ use super::wire::{ApplicationState, HeartbeatMessage, IcMessageType, IcStatus};
 pub const HEARTBEAT_PREFERENCES: VersionPreferences =
     VersionPreferences { framework: FRAMEWORK_VERSIONS, message: HEARTBEAT_VERSIONS };
 
+/// Size of the heartbeat body the host models send (OpenVMM's [`HeartbeatMessage`]).
+pub const HEARTBEAT_BODY_SIZE: usize = core::mem::size_of::<HeartbeatMessage>();
+
 /// Body bytes the guest needs from a heartbeat request: the sequence number.
 const HEARTBEAT_NEEDED: usize = 8;
 /// Body bytes that hold the application state after the sequence number.
@@ -44,6 +47,8 @@ impl Default for HeartbeatService {
         HeartbeatService::new()
     }
 }
+
+super::guest::impl_guest_service!(HeartbeatService, HeartbeatAnswered, HEARTBEAT);
 
 impl HeartbeatService {
     /// A service reporting [`ApplicationState::HEALTHY`].
@@ -98,6 +103,3 @@ pub fn decode_heartbeat(body: &[u8]) -> Option<(u64, Option<ApplicationState>)> 
     let state = U32::read_from_prefix(rest).ok().map(|(s, _)| ApplicationState(s.get()));
     Some((seq.get(), state))
 }
-
-/// Size of the heartbeat body the host models send (OpenVMM's [`HeartbeatMessage`]).
-pub const HEARTBEAT_BODY_SIZE: usize = core::mem::size_of::<HeartbeatMessage>();

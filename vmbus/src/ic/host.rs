@@ -9,7 +9,6 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
-use core::mem::size_of;
 
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -542,6 +541,3 @@ impl KvpHost {
         Ok(PoolQueryStep::Next(request))
     }
 }
-
-/// Size of a KVP ENUMERATE body, for callers sizing buffers.
-pub const KVP_ENUMERATE_BODY_SIZE: usize = size_of::<KvpEnumerateMessage>();

@@ -189,6 +189,8 @@ pub struct KvpService {
     host_pools: BTreeMap<KvpPool, Vec<KvpEntry>>,
 }
 
+super::guest::impl_guest_service!(KvpService, KvpAction, KVP);
+
 impl KvpService {
     /// A service answering AUTO-pool queries from `auto_pool` (index order as given).
     pub fn new(auto_pool: Vec<KvpEntry>) -> KvpService {

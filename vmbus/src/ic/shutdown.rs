@@ -70,6 +70,8 @@ impl Default for ShutdownService {
     }
 }
 
+super::guest::impl_guest_service!(ShutdownService, ShutdownRequest, SHUTDOWN);
+
 impl ShutdownService {
     /// A new service, not yet negotiated.
     pub const fn new() -> ShutdownService {

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use proptest::prelude::*;
 
 use super::framing::{FrameError, IcFrame, MAX_MESSAGE_SIZE, MessageFields, build_message};
-use super::guest::{IcAction, IcError, IcFailure, IcReply};
+use super::guest::{GuestIcService, IcAction, IcError, IcFailure, IcReply};
 use super::heartbeat::{HeartbeatAnswered, HeartbeatService};
 use super::host::{
     FixedClock, HeartbeatHost, HostModelError, KvpHost, PoolQueryStep, ShutdownHost, ShutdownSpec, TimeSyncHost,
@@ -18,7 +18,7 @@ use super::negotiate::{
     TIMESYNC_VERSIONS, VersionPreferences,
 };
 use super::shutdown::{ShutdownKind, ShutdownRequest, ShutdownService};
-use super::timesync::{TimeSampleKind, TimeSyncService, UnixTime, WINDOWS_TO_UNIX_EPOCH_100NS, WindowsTime};
+use super::timesync::{TimeSampleKind, TimeSyncService, UnixTime, WINDOWS_TO_UNIX_EPOCH_100NS, WallClock, WindowsTime};
 use super::wire::{ApplicationState, IcFlags, IcMessageType, IcStatus, IcVersion, KvpPool, ShutdownFlags};
 
 /// The response of a reply, which must be there.
@@ -468,6 +468,48 @@ fn kvp_long_values_are_cut_to_the_field() {
     assert_eq!(&answer[44..48], &2048u32.to_le_bytes());
     assert_eq!(&answer[28 + 8 + 524 + 2046..28 + 8 + 524 + 2048], &[0, 0]);
     assert_eq!(host.check_response(answer).unwrap().entry.unwrap().value.chars().count(), 1023);
+}
+
+/// A driver written once over the trait, as a KMCL driver would be: answers go out, actions are collected.
+fn drive<S: GuestIcService>(service: &mut S, payloads: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<IcAction<S::Action>>) {
+    let mut sent = Vec::new();
+    let mut actions = Vec::new();
+    for payload in payloads {
+        match service.handle(payload) {
+            Ok(reply) => {
+                sent.extend(reply.response);
+                actions.push(reply.action);
+            }
+            Err(failure) => sent.extend(failure.response),
+        }
+    }
+    (sent, actions)
+}
+
+#[test]
+fn generic_driver_over_the_service_trait() {
+    assert_eq!(HeartbeatService::INTERFACE_ID, crate::protocol::guid::device_class::HEARTBEAT);
+    assert_eq!(KvpService::INTERFACE_ID, crate::protocol::guid::device_class::KVP);
+    let mut host = TimeSyncHost::new();
+    let mut guest = TimeSyncService::new();
+    let (sent, actions) = drive(&mut guest, &[host.ic.negotiate_request()]);
+    host.ic.accept_negotiate_response(&sent[0]).unwrap();
+    assert!(matches!(actions[0], IcAction::Negotiated(_)));
+    let clock = FixedClock { wall: WindowsTime(WINDOWS_TO_UNIX_EPOCH_100NS + 42 * 10_000_000), reference: 1_000 };
+    let samples = [
+        host.sample(&clock, TimeSampleKind::Sync, false).unwrap(),
+        host.sample(&clock, TimeSampleKind::Probe, false).unwrap(),
+    ];
+    let (sent, actions) = drive(&mut guest, &samples);
+    assert!(sent.is_empty());
+    let mut wall = WallClock::new();
+    for action in &actions {
+        if let IcAction::Service(sample) = action {
+            wall.apply(sample, 1_000 + 10_000_000);
+        }
+    }
+    assert_eq!(wall.now_unix(1_000 + 10_000_000), Some(UnixTime { seconds: 43, nanoseconds: 0 }));
+    assert_eq!(GuestIcService::negotiated(&guest).map(|v| v.message), Some(IcVersion::new(4, 0)));
 }
 
 /// Every service, negotiated, behind one call.

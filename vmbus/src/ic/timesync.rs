@@ -121,6 +121,54 @@ impl TimeSample {
     }
 }
 
+/// The wall clock the kernel keeps from timesync samples: a host time anchored at a partition reference time, read
+/// by carrying it forward with the reference counter (no I/O: the caller passes the counter's value).
+///
+/// Policy (this kernel has no other time source): SYNC and SAMPLE both re-anchor the clock; a PROBE is ignored.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WallClock {
+    anchor: Option<(WindowsTime, u64)>,
+}
+
+impl WallClock {
+    /// A clock that has not been set.
+    pub const fn new() -> WallClock {
+        WallClock { anchor: None }
+    }
+
+    /// Apply `sample`, received when the partition reference time was `reference_now`. Returns whether the clock
+    /// changed.
+    pub fn apply(&mut self, sample: &TimeSample, reference_now: u64) -> bool {
+        match sample.kind() {
+            TimeSampleKind::Probe => false,
+            TimeSampleKind::Sync | TimeSampleKind::Sample => {
+                self.anchor = Some((sample.host_time_at(reference_now), reference_now));
+                true
+            }
+        }
+    }
+
+    /// Whether a sample has set the clock.
+    pub fn is_set(&self) -> bool {
+        self.anchor.is_some()
+    }
+
+    /// The time at partition reference time `reference_now`, once set.
+    pub fn now(&self, reference_now: u64) -> Option<WindowsTime> {
+        let (time, at) = self.anchor?;
+        Some(if reference_now >= at {
+            WindowsTime(time.0.saturating_add(reference_now - at))
+        } else {
+            WindowsTime(time.0.saturating_sub(at - reference_now))
+        })
+    }
+
+    /// [`WallClock::now`] in UNIX time.
+    pub fn now_unix(&self, reference_now: u64) -> Option<UnixTime> {
+        self.now(reference_now).map(WindowsTime::to_unix)
+    }
+}
+
 /// Decode a timesync body under `message_version`. `None` when too short.
 pub fn decode_time_sample(message_version: IcVersion, body: &[u8]) -> Option<TimeSample> {
     if message_version >= TIMESYNC_VERSION_4 {
@@ -167,6 +215,8 @@ impl Default for TimeSyncService {
         TimeSyncService::new()
     }
 }
+
+super::guest::impl_guest_service!(TimeSyncService, TimeSample, TIMESYNC);
 
 impl TimeSyncService {
     /// A new service, not yet negotiated.
@@ -241,6 +291,32 @@ mod tests {
         assert_eq!(old.host_time_at(10_000), WindowsTime(1_000));
         assert_eq!(old.kind(), TimeSampleKind::Sync);
         assert_eq!(TimeSample { flags: TimeSyncFlags::empty(), ..s }.kind(), TimeSampleKind::Probe);
+    }
+
+    #[test]
+    fn wall_clock_follows_sync_and_sample_and_ignores_probes() {
+        let mut clock = WallClock::new();
+        assert_eq!(clock.now(5), None);
+        let sample = |flags, host, reference| TimeSample {
+            host_time: WindowsTime(host),
+            reference_time: Some(reference),
+            flags,
+            leap_flags: 0,
+            stratum: 0,
+        };
+        assert!(!clock.apply(&sample(TimeSyncFlags::empty(), 1_000, 0), 0));
+        assert!(!clock.is_set());
+        // Sampled at reference 100, received at 150: the clock reads 1_050 at 150.
+        assert!(clock.apply(&sample(TimeSyncFlags::SYNC, 1_000, 100), 150));
+        assert_eq!(clock.now(150), Some(WindowsTime(1_050)));
+        assert_eq!(clock.now(1_150), Some(WindowsTime(2_050)));
+        assert_eq!(clock.now(50), Some(WindowsTime(950)));
+        assert!(clock.apply(&sample(TimeSyncFlags::SAMPLE, 5_000, 200), 200));
+        assert_eq!(clock.now(300), Some(WindowsTime(5_100)));
+        assert_eq!(
+            WallClock { anchor: Some((WindowsTime(WINDOWS_TO_UNIX_EPOCH_100NS), 0)) }.now_unix(10_000_000),
+            Some(UnixTime { seconds: 1, nanoseconds: 0 })
+        );
     }
 
     #[test]
