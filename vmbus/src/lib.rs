@@ -23,3 +23,4 @@ pub mod server;
 pub mod kmcl;
 pub mod dm;
 pub mod ic;
+pub mod drivers;
