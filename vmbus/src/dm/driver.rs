@@ -363,7 +363,7 @@ impl DmDriver {
             return Some(self.balloon_response(pool));
         }
         if self.state == DmState::Ready && !self.suppress_status && self.next_status_at.is_some_and(|due| now >= due) {
-            self.next_status_at = Some(now + self.config.status_interval);
+            self.next_status_at = Some(now.saturating_add(self.config.status_interval));
             return Some(self.status_report(pool));
         }
         None
@@ -418,7 +418,7 @@ impl DmDriver {
         info!("dm: proposing version {version} (last attempt: {is_last_attempt})");
         self.outbox.push_back(request.as_bytes().to_vec());
         self.awaited_trans_id = trans_id;
-        self.deadline = Some(now + self.config.response_timeout);
+        self.deadline = Some(now.saturating_add(self.config.response_timeout));
         self.state = DmState::NegotiatingVersion(version);
     }
 
@@ -468,7 +468,7 @@ impl DmDriver {
         info!("dm: reporting capabilities {caps:?}");
         self.outbox.push_back(report.as_bytes().to_vec());
         self.awaited_trans_id = trans_id;
-        self.deadline = Some(now + self.config.response_timeout);
+        self.deadline = Some(now.saturating_add(self.config.response_timeout));
         self.state = DmState::AwaitingCapabilities;
         DmEvent::VersionAccepted(version)
     }
@@ -634,7 +634,7 @@ impl DmDriver {
             named = named.saturating_add(range.count);
             returned += self.ballooned.remove(range, |piece| pool.give_back(piece));
         }
-        let not_ours = named - returned;
+        let not_ours = named.saturating_sub(returned);
         if not_ours > 0 {
             warn!("dm: UNBALLOON_REQUEST {trans_id} names {not_ours} pages the guest had not given; ignored");
         }

@@ -184,6 +184,8 @@ struct QemuHost {
     hot_add_responses: Vec<(u32, u32)>,
     /// Guest protocol violations the model saw.
     violations: Vec<String>,
+    /// trans_id of every guest message, in arrival order.
+    guest_trans_ids: Vec<u32>,
     outgoing: VecDeque<Vec<u8>>,
 }
 
@@ -211,6 +213,7 @@ impl QemuHost {
             unballoon_responses: 0,
             hot_add_responses: Vec::new(),
             violations: Vec::new(),
+            guest_trans_ids: Vec::new(),
             outgoing: VecDeque::new(),
         }
     }
@@ -244,6 +247,7 @@ impl QemuHost {
         if bytes.len() > MAX_GUEST_MESSAGE_SIZE {
             self.violation(format!("message of {} bytes", bytes.len()));
         }
+        self.guest_trans_ids.push(header.trans_id.get());
         match header.message_type() {
             DmMessageType::VERSION_REQUEST => {
                 let Ok(request) = VersionRequest::read_from_bytes(bytes) else {
@@ -708,6 +712,9 @@ fn fragmented_pool_splits_into_responses_of_at_most_510_ranges() {
     assert_eq!(rig.driver.ballooned().range_count(), 2000);
     assert_eq!(rig.host.actual(), 8192 - 2000);
     assert_eq!(rig.driver.stats().balloon_responses, 4);
+    // Every guest message, each balloon response included, carries a new trans_id (Linux's rule).
+    let ids = &rig.host.guest_trans_ids;
+    assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1), "{ids:?}");
 }
 
 #[test]
