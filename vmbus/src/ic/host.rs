@@ -178,6 +178,41 @@ impl HostIcChannel {
     }
 }
 
+/// How often the heartbeat model is meant to be polled, in milliseconds (§7: the host sends one every ~2 s).
+pub const HEARTBEAT_INTERVAL_MS: u64 = 2_000;
+/// How often the timesync model is meant to send a SAMPLE, in milliseconds (OpenVMM's timesync device: 5 s).
+pub const TIMESYNC_SAMPLE_INTERVAL_MS: u64 = 5_000;
+
+/// A sans-I/O periodic timer for driving the models: the caller passes its own monotonic time.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Interval {
+    period: u64,
+    next_due: u64,
+}
+
+impl Interval {
+    /// A timer firing first at `start`, then every `period` (a period of 0 is taken as 1).
+    pub const fn new(start: u64, period: u64) -> Interval {
+        Interval { period: if period == 0 { 1 } else { period }, next_due: start }
+    }
+
+    /// Whether the timer fired by `now`; if so the next deadline is one period after `now`'s slot (missed slots are
+    /// dropped, not replayed).
+    pub fn poll(&mut self, now: u64) -> bool {
+        if now < self.next_due {
+            return false;
+        }
+        let missed = (now - self.next_due) / self.period;
+        self.next_due = self.next_due.saturating_add((missed + 1).saturating_mul(self.period));
+        true
+    }
+
+    /// The next deadline.
+    pub fn next_due(&self) -> u64 {
+        self.next_due
+    }
+}
+
 /// What the host learnt from a heartbeat answer.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct HeartbeatObservation {
@@ -539,5 +574,43 @@ impl KvpHost {
         let request = self.enumerate(pool, next)?;
         self.query = Some((pool, next, entries));
         Ok(PoolQueryStep::Next(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_fires_once_per_period_and_drops_missed_slots() {
+        let mut timer = Interval::new(100, HEARTBEAT_INTERVAL_MS);
+        assert!(!timer.poll(99));
+        assert!(timer.poll(100));
+        assert!(!timer.poll(2_099));
+        assert!(timer.poll(2_100));
+        assert_eq!(timer.next_due(), 4_100);
+        assert!(timer.poll(9_000));
+        assert_eq!(timer.next_due(), 10_100);
+        let mut zero = Interval::new(0, 0);
+        assert!(zero.poll(0) && zero.poll(1) && !zero.poll(1));
+        let mut far = Interval::new(u64::MAX - 1, TIMESYNC_SAMPLE_INTERVAL_MS);
+        assert!(far.poll(u64::MAX));
+        assert_eq!(far.next_due(), u64::MAX);
+    }
+
+    #[test]
+    fn requests_need_negotiation_first() {
+        let mut host = ShutdownHost::new();
+        let spec =
+            ShutdownSpec { flags: ShutdownFlags::empty(), reason_code: 0, timeout_seconds: 0, message: String::new() };
+        assert_eq!(host.request(&spec), Err(HostModelError::NotNegotiated));
+        let mut kvp = KvpHost::new();
+        assert_eq!(kvp.start_pool_query(KvpPool::AUTO), Err(HostModelError::NotNegotiated));
+        let clock = FixedClock { wall: WindowsTime(0), reference: 0 };
+        assert_eq!(TimeSyncHost::new().sample(&clock, TimeSampleKind::Sync, false), Err(HostModelError::NotNegotiated));
+        assert_eq!(
+            HeartbeatHost::new().check_response(&[]),
+            Err(HostModelError::Frame(FrameError::Truncated { len: 0 }))
+        );
     }
 }
