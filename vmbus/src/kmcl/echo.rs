@@ -21,6 +21,53 @@
 //!    allocate, `InitSet*` (packet size, ring pages, callbacks, pointer, target, name), enable. Tear down with
 //!    `channel_disable` then `channel_cleanup` ([`EchoDriver::stop`]).
 //! 4. The kernel drives everything else through [`super::Bus::process_interrupt`] and [`super::Bus::poll`].
+//!
+//! # Wiring it up
+//! The kernel builds one [`super::Bus`] over its VMBus connection, its interrupt pages and a ring allocator over its
+//! contiguous heap. Here the crate's own VMBus host stands in for Hyper-V and host memory for the heap; nobody plays
+//! the device, so negotiation is cancelled at its timeout, but the channel is up and torn down cleanly:
+//! ```
+//! use std::sync::Arc;
+//! use vmbus::channel::{ChannelRings, InterruptPages};
+//! use vmbus::client::{ConnectOptions, Connection};
+//! use vmbus::kmcl::echo::{ECHO_INTERFACE_TYPE, EchoDriver};
+//! use vmbus::kmcl::{Bus, ChannelState, Kmcl, NtStatus, RingAllocator};
+//! use vmbus::protocol::Guid;
+//! use vmbus::ring::OwnedRingMemory;
+//! use vmbus::server::{LoopbackBus, OfferSpec, ServerConfig};
+//!
+//! struct Pages;
+//! impl InterruptPages for Pages {
+//!     fn set_send_interrupt(&self, _relid: u32) {}
+//!     fn set_monitor_pending(&self, _monitor_id: u8) {}
+//! }
+//!
+//! struct Heap;
+//! impl RingAllocator for Heap {
+//!     type Memory = Arc<OwnedRingMemory>;
+//!     type Lease = ();
+//!     fn allocate(&self, outgoing: u32, incoming: u32) -> vmbus::kmcl::Result<(ChannelRings<Self::Memory>, ())> {
+//!         let ring = |pages: u32| Arc::new(OwnedRingMemory::new((pages as usize - 1) * 4096).unwrap());
+//!         let pfns = (0..u64::from(outgoing + incoming)).map(|i| 0x8000 + i).collect();
+//!         Ok((ChannelRings { outgoing: ring(outgoing), incoming: ring(incoming), pfns, outgoing_pages: outgoing }, ()))
+//!     }
+//!     fn release(&self, _lease: (), _host_released: bool) {}
+//! }
+//!
+//! let host = LoopbackBus::new(ServerConfig::new());
+//! host.offer(OfferSpec::new(ECHO_INTERFACE_TYPE, Guid::ZERO)).unwrap();
+//! let mut connection = Connection::connect(&host, ConnectOptions::new(0x10_0000, (0x10_1000, 0x10_2000))).unwrap();
+//! connection.request_offers().unwrap();
+//! let mut bus = Bus::new(connection, Pages, Heap);
+//!
+//! let (channel, state) = EchoDriver::start(&mut bus, None, 0x4242).unwrap();
+//! assert_eq!(bus.channel_state(channel), Ok(ChannelState::Active));
+//! assert_eq!(state.lock().negotiation_error, Some(NtStatus::CANCELLED));
+//! // The VMBus interrupt calls `bus.process_interrupt(&relids)`; the kernel's main loop calls `bus.poll()`.
+//! bus.poll();
+//! EchoDriver::stop(&mut bus, channel).unwrap();
+//! assert_eq!(state.lock().events, ["opened", "started", "post_started", "suspend", "closed"]);
+//! ```
 
 use super::{
     ChannelCallbacks, ChannelHandle, GpadlFlags, GpadlHandle, Kmcl, NtStatus, PacketCompletion, ProcessPacketFlags,

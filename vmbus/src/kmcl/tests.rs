@@ -1148,6 +1148,15 @@ fn handles_of_every_kind_are_checked() {
     let in_gone = PacketHandle { channel: gone, index: 0, generation: 1 };
     assert_eq!(w.bus.packet_free(in_gone), Err(NtStatus::INVALID_PARAMETER_1));
     assert_eq!(w.bus.packet_allocate(gone).err(), Some(NtStatus::INVALID_PARAMETER_1));
+    // Bad arguments to a valid packet: nothing is sent and the packet stays usable.
+    assert_eq!(w.bus.packet_send(packet, &[0; 257], None, SendFlags::NONE), Err(NtStatus::INVALID_PARAMETER_3));
+    assert_eq!(w.bus.packet_send(packet, b"x", None, SendFlags(0x10)), Err(NtStatus::INVALID_PARAMETER_5));
+    let external = [ExternalRange::whole_pages(&[1])];
+    assert_eq!(
+        w.bus.packet_send(packet, b"x", Some(&external), SendFlags::NONE),
+        Err(NtStatus::INVALID_PARAMETER_4),
+        "this channel takes no external data"
+    );
     // A valid packet keeps working.
     w.bus.packet_send(packet, b"ok", None, SendFlags::NONE).unwrap();
     assert_eq!(host.read_all().len(), 1);
@@ -1260,3 +1269,9 @@ fn the_example_echo_driver_end_to_end() {
     assert_eq!(w.host.with_server(|s| s.gpadl_handles().count()), 0);
     assert_eq!(w.bus.channel_count(), 0);
 }
+
+/// A kernel keeps its bus in a static mutex, so the bus must be `Send` (checked at compile time).
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<TestBus>();
+};
