@@ -98,9 +98,11 @@ impl IcFailure {
         IcFailure { error, response: None }
     }
 
-    /// A failure answered with `status`, echoing the request's body.
+    /// A failure answered with `status`, echoing the request's body, when the request asked for an answer
+    /// (TRANSACTION flag); silent otherwise.
     pub fn answered(error: IcError, frame: &IcFrame<'_>, status: IcStatus) -> IcFailure {
-        IcFailure { error, response: Some(build_response(&frame.header, status, frame.body)) }
+        let asked = frame.header.flags().contains(IcFlags::TRANSACTION);
+        IcFailure { error, response: asked.then(|| build_response(&frame.header, status, frame.body)) }
     }
 }
 

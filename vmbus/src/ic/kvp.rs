@@ -242,7 +242,7 @@ impl KvpService {
         let mut body = frame.body.to_vec();
         let (action, status) = match operation {
             KvpOperation::ENUMERATE => {
-                let index = U32::read_from_prefix(&frame.body[size_of::<KvpHeader>()..])
+                let index = U32::read_from_prefix(frame.body.get(size_of::<KvpHeader>()..).unwrap_or(&[]))
                     .map(|(i, _)| i.get())
                     .map_err(|_| too_short(ENUMERATE_DATA))?;
                 let entry = usize::try_from(index).ok().and_then(|i| self.pool(pool).get(i));
@@ -254,7 +254,7 @@ impl KvpService {
                 (KvpAction::Enumerated { pool, index, found }, if found { IcStatus::OK } else { IcStatus::CONTINUE })
             }
             KvpOperation::GET => {
-                let key = read_key(&frame.body[GET_SET_DATA.min(frame.body.len())..])
+                let key = read_key(frame.body.get(GET_SET_DATA..).unwrap_or(&[]))
                     .ok_or_else(|| too_short(GET_SET_DATA + VALUE_VALUE))?;
                 let value = self.pool(pool).iter().find(|e| e.key == key).map(|e| e.value.clone());
                 let found = value.is_some();
@@ -268,7 +268,7 @@ impl KvpService {
                 if pool == KvpPool::AUTO {
                     return Err(refuse(IcStatus::FAIL));
                 }
-                let (key, value) = read_key_value(&frame.body[GET_SET_DATA.min(frame.body.len())..])
+                let (key, value) = read_key_value(frame.body.get(GET_SET_DATA..).unwrap_or(&[]))
                     .ok_or_else(|| too_short(size_of::<KvpGetSetMessage>()))?;
                 let entries = self.host_pools.entry(pool).or_default();
                 if let Some(existing) = entries.iter_mut().find(|e| e.key == key) {

@@ -193,6 +193,9 @@ fn unknown_types_and_responses_are_refused() {
         assert_eq!(answer.header.status(), IcStatus::NOT_SUPPORTED);
         assert_eq!(answer.body, &[1, 2]);
     }
+    // Without the TRANSACTION flag nothing is answered, not even an error.
+    let failure = guest.handle(&raw_message(IcMessageType(9), IcFlags::REQUEST, &[1, 2])).unwrap_err();
+    assert_eq!(failure, IcFailure::silent(IcError::UnknownMessageType(IcMessageType(9))));
     let failure = guest.handle(&raw_message(IcMessageType::HEARTBEAT, IcFlags::RESPONSE, &[0; 16])).unwrap_err();
     assert_eq!(failure, IcFailure::silent(IcError::UnexpectedResponse(IcMessageType::HEARTBEAT)));
 }
