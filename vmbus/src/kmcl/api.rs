@@ -26,13 +26,13 @@ pub trait Kmcl {
     /// [`NtStatus::INSUFFICIENT_RESOURCES`](super::NtStatus::INSUFFICIENT_RESOURCES) when no slot is left.
     fn channel_allocate(&mut self) -> Result<ChannelHandle>;
 
-    /// `VmbChannelCleanup`: frees a disabled channel; its handle and every packet handle of it become stale.
-    /// `_1` if the channel is not disabled.
+    /// `VmbChannelCleanup`: frees a disabled (or closed) channel; its handle and every packet handle of it become
+    /// stale. `_1` in any other state.
     fn channel_cleanup(&mut self, channel: ChannelHandle) -> Result<()>;
 
     /// `VmbChannelEnable` (client): binds to a matching offer (now, or when one arrives) and runs
-    /// Opened → Started → queue → PostStarted. Returns at once when no offer matches yet. `_1` unless disabled, or
-    /// without callbacks or target.
+    /// Opened → Started → queue → PostStarted. Returns at once when no offer matches yet. `_1` unless disabled or
+    /// closed, or without callbacks or target.
     fn channel_enable(&mut self, channel: ChannelHandle) -> Result<()>;
 
     /// `VmbChannelDisable` (client): Suspend → outstanding sends cancelled → Closed → CLOSECHANNEL and ring teardown;
@@ -51,7 +51,7 @@ pub trait Kmcl {
     /// The channel's state (no Windows counterpart; for diagnostics and tests).
     fn channel_state(&self, channel: ChannelHandle) -> Result<ChannelState>;
 
-    // ----- InitSet* (only while disabled: `_1` otherwise) -----
+    // ----- InitSet* (only while disabled or closed: `_1` otherwise) -----
 
     /// `VmbChannelInitSetMaximumPacketSize`: `_2` if 0 or above [`super::channel::MAX_PACKET_SIZE_LIMIT`].
     fn channel_init_set_maximum_packet_size(&mut self, channel: ChannelHandle, packet_size: u32) -> Result<()>;

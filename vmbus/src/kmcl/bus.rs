@@ -189,6 +189,8 @@ struct KmclChannel<M: RingMemory, L> {
     pool_in_use: u32,
     gpadls: Vec<(u32, GpadlFlags)>,
     queue_stopped: bool,
+    /// The incoming ring failed validation: it is not read again until the channel is reopened.
+    ring_broken: bool,
     rescinded: bool,
     closing: bool,
     needs_run: bool,
@@ -217,6 +219,7 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
             pool_in_use: 0,
             gpadls: Vec::new(),
             queue_stopped: false,
+            ring_broken: false,
             rescinded: false,
             closing: false,
             needs_run: false,
@@ -499,7 +502,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// The channel, if it is disabled (the only state the `InitSet*` functions accept).
     fn disabled_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<A::Memory, A::Lease>> {
         let c = self.chan_mut(channel)?;
-        if c.state == ChannelState::Disabled { Ok(c) } else { Err(NtStatus::INVALID_PARAMETER_1) }
+        // A closed channel (rescinded, or its open rolled back) has no rings left and counts as disabled.
+        let disabled = c.state == ChannelState::Disabled || (c.state == ChannelState::Closed && c.open.is_none());
+        if disabled { Ok(c) } else { Err(NtStatus::INVALID_PARAMETER_1) }
     }
 
     /// Calls one of the channel's callbacks with the bus as its [`Kmcl`]; `None` when the channel has no callbacks
@@ -694,6 +699,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         if let Ok(c) = self.chan_mut(channel) {
             c.closing = false;
             c.queue_stopped = false;
+            c.ring_broken = false;
             c.state = final_state;
         }
     }
@@ -768,7 +774,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     fn read_ring(&mut self, channel: ChannelHandle) -> usize {
         let Bus { connection, pages, channels, stats, .. } = self;
         let Some(c) = channels.get_mut(channel.index, channel.generation) else { return 0 };
-        if c.backlog.len() >= BACKLOG_LIMIT || c.queue_stopped {
+        if c.backlog.len() >= BACKLOG_LIMIT || c.ring_broken {
             return 0;
         }
         let Some(open) = c.open.as_mut() else { return 0 };
@@ -780,6 +786,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
                 ChannelError::Signal(_) => stats.signal_errors += 1,
                 _ => {
                     stats.ring_errors += 1;
+                    c.ring_broken = true;
                     c.queue_stopped = true;
                     log::warn!("kmcl: {channel:?}: incoming ring failed ({error}); its queue is stopped");
                 }
@@ -1054,7 +1061,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     fn wait_step(&mut self, channel: ChannelHandle, deadline: Option<u64>) -> Result<()> {
         self.pump_control();
         let c = self.chan(channel).map_err(|_| NtStatus::DEVICE_REMOVED)?;
-        if c.removed() || c.open.is_none() {
+        if c.removed() || c.open.is_none() || c.ring_broken {
             return Err(NtStatus::DEVICE_REMOVED);
         }
         if self.read_ring(channel) > 0 {

@@ -56,8 +56,9 @@ pub enum ChannelState {
     Active,
     /// Paused by `channel_pause`: the Suspend callback ran, no ProcessPacket until `channel_start`.
     Paused,
-    /// Closed by the other end (rescind) or by a failed open: no traffic; `channel_disable` then `channel_cleanup`,
-    /// or `channel_disable` then `channel_enable` again.
+    /// Closed by the other end (rescind) or by a failed open: no traffic, no rings. It counts as disabled
+    /// (`kmcl-api.md`: "on the guest a closed channel becomes Disabled and must be re-enabled"): `InitSet*`,
+    /// `channel_enable` and `channel_cleanup` work; `channel_disable` makes it [`ChannelState::Disabled`].
     Closed,
 }
 

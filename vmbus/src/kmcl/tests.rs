@@ -822,6 +822,27 @@ fn packet_fail_stops_the_queue_and_pause_holds_it() {
     assert!(host.read_all().is_empty(), "a failed packet gets no completion");
     host.send(4, b"later", false);
     assert_eq!(w.bus.poll(), 0);
+    // Completions of the driver's own requests are still matched.
+    let player = Arc::new(Mutex::new(HostEnd::new(&w.allocator, 0)));
+    w.bus.set_idle_hook(Some(Box::new(move || {
+        let mut host = player.lock();
+        for request in host.read_all() {
+            host.complete(request.transaction_id, b"still here");
+        }
+    })));
+    let mut reply = [0u8; 16];
+    assert_eq!(
+        w.bus.channel_send_synchronous_request(
+            channel,
+            b"ping",
+            None,
+            SendFlags::WAIT_FOR_COMPLETION,
+            Some(&mut reply),
+            Some(10_000_000)
+        ),
+        Ok(16)
+    );
+    w.bus.set_idle_hook(None);
     // Disable and enable again: the queue runs again.
     w.bus.channel_disable(channel).unwrap();
     w.bus.channel_enable(channel).unwrap();
@@ -880,10 +901,15 @@ fn rescind_mid_traffic_suspends_cancels_and_closes_then_releases_the_relid() {
     w.host.run_host();
     assert_eq!(w.server_status(1), None, "RELID_RELEASED reached the host");
     assert_eq!(w.allocator.state.lock().released, [true]);
-    // The driver can free its packet, disable and clean up.
+    // The driver frees its packet; the closed channel is re-enabled and binds when the device comes back.
     w.bus.packet_free(outgoing).unwrap();
-    w.bus.channel_disable(channel).unwrap();
-    w.bus.channel_cleanup(channel).unwrap();
+    w.bus.channel_enable(channel).unwrap();
+    assert_eq!(w.bus.channel_state(channel), Ok(ChannelState::Enabled));
+    let relid = w.host.offer(OfferSpec::new(device_class::HEARTBEAT, INSTANCE)).unwrap();
+    w.bus.poll();
+    assert_eq!(w.bus.channel_state(channel), Ok(ChannelState::Active));
+    assert_eq!(w.bus.channel_relid(channel), Ok(relid));
+    assert_eq!(w.take_log(), strings(&["opened", "started", "post_started"]));
 }
 
 #[test]
