@@ -609,6 +609,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         log::debug!("kmcl: channel {channel:?} '{name}' bound to relid {relid}");
         if let Some(Err(status)) = self.call(channel, |cb, kmcl| cb.opened(kmcl, channel)) {
             log::warn!("kmcl: channel {channel:?} '{name}' refused to open: {status}");
+            self.delete_leftover_gpadls(channel);
             self.close_rings(channel);
             if let Ok(c) = self.chan_mut(channel) {
                 c.state = ChannelState::Closed;
@@ -635,6 +636,22 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         self.run_channel(channel);
         self.call(channel, |cb, kmcl| cb.post_started(kmcl, channel));
         self.run_channel(channel);
+    }
+
+    /// Deletes the GPADLs a driver left on a closing channel (counted in [`BusStats::leaked_gpadls`]).
+    fn delete_leftover_gpadls(&mut self, channel: ChannelHandle) {
+        let Ok(c) = self.chan_mut(channel) else { return };
+        let leftover = core::mem::take(&mut c.gpadls);
+        let relid = c.relid();
+        for (id, _) in leftover {
+            self.stats.leaked_gpadls += 1;
+            log::warn!("kmcl: {channel:?} left GPADL {id:#x} open at close; deleting it");
+            if let Some(relid) = relid
+                && let Err(error) = self.connection.teardown_gpadl(relid, crate::client::GpadlId(id))
+            {
+                log::warn!("kmcl: deleting GPADL {id:#x}: {error}");
+            }
+        }
     }
 
     /// Closes the VMBus channel and gives the ring pages back.
@@ -683,18 +700,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             }
         }
         self.call(channel, |cb, kmcl| cb.closed(kmcl, channel));
-        let Ok(c) = self.chan_mut(channel) else { return };
-        let leftover = core::mem::take(&mut c.gpadls);
-        let relid = c.relid();
-        for (id, _) in leftover {
-            self.stats.leaked_gpadls += 1;
-            log::warn!("kmcl: {channel:?} left GPADL {id:#x} at its closed callback; deleting it");
-            if let Some(relid) = relid
-                && let Err(error) = self.connection.teardown_gpadl(relid, crate::client::GpadlId(id))
-            {
-                log::warn!("kmcl: deleting GPADL {id:#x}: {error}");
-            }
-        }
+        self.delete_leftover_gpadls(channel);
         self.close_rings(channel);
         if let Ok(c) = self.chan_mut(channel) {
             c.closing = false;

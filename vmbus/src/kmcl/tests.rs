@@ -169,9 +169,12 @@ impl Recorder {
 }
 
 impl ChannelCallbacks for Recorder {
-    fn opened(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) -> Result<()> {
+    fn opened(&mut self, kmcl: &mut dyn Kmcl, channel: ChannelHandle) -> Result<()> {
         self.log.lock().push("opened".into());
-        self.refuse_open.map_or(Ok(()), Err)
+        let Some(status) = self.refuse_open else { return Ok(()) };
+        // A driver that gets half way: a GPADL, then an error. The rollback must delete the GPADL.
+        kmcl.channel_create_gpadl_from_pfn_list(channel, GpadlFlags::NONE, &[0x321], 0, 4096)?;
+        Err(status)
     }
     fn started(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
         self.log.lock().push("started".into());
@@ -1104,6 +1107,8 @@ fn a_failed_open_rolls_back_and_a_refused_allocation_reports_pnp_failure() {
     assert_eq!(w.bus.channel_state(channel), Ok(ChannelState::Closed));
     w.host.run_host();
     assert_eq!(w.server_status(1), Some(ChannelStatus::Closed));
+    assert_eq!(w.host.with_server(|s| s.gpadl_handles().count()), 0, "ring and driver GPADLs torn down");
+    assert_eq!(w.bus.stats().leaked_gpadls, 1);
     assert_eq!(w.allocator.state.lock().released, [true]);
     w.bus.channel_disable(channel).unwrap();
     assert_eq!(w.bus.channel_state(channel), Ok(ChannelState::Disabled));
