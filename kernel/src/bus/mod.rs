@@ -7,6 +7,7 @@
 //! [`BusPages`] is the kernel's `vmbus::channel::InterruptPages`: how a channel tells the host its ring changed.
 //! [`rings`] gives channels their ring pages.
 
+pub mod loopback;
 pub mod rings;
 pub mod runtime;
 
