@@ -108,6 +108,12 @@ pub trait RingData: Copy {
         [self.load_word(offset), self.load_word(offset + 8)]
     }
 
+    /// Copies `dst.len()` words from byte `offset`, the bytes of each word in memory order. Contract: `offset` is a
+    /// multiple of 8 and `offset + 8 * dst.len() <= len()`.
+    fn read_words(&self, offset: usize, dst: &mut [[u8; 8]]) {
+        self.read(offset, dst.as_flattened_mut());
+    }
+
     /// Writes a whole packet that does not wrap: the two descriptor words, `payload` zero-padded to 8 bytes, then the
     /// trailer word. Contract: `offset` is a multiple of 8 and the 24 + padded payload bytes end within `len()`.
     fn write_simple_packet(&self, offset: usize, descriptor: [u64; 2], payload: &[u8], trailer: u64) {
@@ -228,6 +234,12 @@ impl RingData for AtomicRingData<'_> {
     }
 
     #[inline(always)]
+    fn read_words(&self, offset: usize, dst: &mut [[u8; 8]]) {
+        debug_assert_eq!(offset % 8, 0, "ring words start on an 8-byte boundary");
+        raw::load_words(&self.words[offset / 8..offset / 8 + dst.len()], dst);
+    }
+
+    #[inline(always)]
     fn load_word_pair(&self, offset: usize) -> [u64; 2] {
         debug_assert_eq!(offset % 8, 0, "ring words start on an 8-byte boundary");
         let pair = &self.words[offset / 8..offset / 8 + 2];
@@ -246,11 +258,7 @@ impl RingData for AtomicRingData<'_> {
         head[1].store(descriptor[1].to_le(), Ordering::Relaxed);
         let (whole, tail) = payload.as_chunks::<8>();
         let (body_whole, body_tail) = body.split_at(whole.len());
-        if !(whole.len() >= raw::BULK_MIN_WORDS && raw::bulk_store(body_whole, whole)) {
-            for (atomic, chunk) in body_whole.iter().zip(whole) {
-                atomic.store(u64::from_ne_bytes(*chunk), Ordering::Relaxed);
-            }
-        }
+        raw::store_words(body_whole, whole);
         if let Some(atomic) = body_tail.first() {
             let mut bytes = [0u8; 8];
             bytes[..tail.len()].copy_from_slice(tail);
@@ -276,11 +284,7 @@ fn copy_from_words(words: &[AtomicU64], offset: usize, mut dst: &mut [u8]) {
     }
     let (whole, tail) = dst.as_chunks_mut::<8>();
     let source = &words[word..word + whole.len()];
-    if !(whole.len() >= raw::BULK_MIN_WORDS && raw::bulk_load(source, whole)) {
-        for (chunk, atomic) in whole.iter_mut().zip(source) {
-            *chunk = atomic.load(Ordering::Relaxed).to_ne_bytes();
-        }
-    }
+    raw::load_words(source, whole);
     if !tail.is_empty() {
         let bytes = words[word + whole.len()].load(Ordering::Relaxed).to_ne_bytes();
         tail.copy_from_slice(&bytes[..tail.len()]);
@@ -295,11 +299,7 @@ fn copy_to_words(words: &[AtomicU64], offset: usize, src: &[u8]) {
     let word = offset / 8;
     let (whole, tail) = src.as_chunks::<8>();
     let target = &words[word..word + whole.len()];
-    if !(whole.len() >= raw::BULK_MIN_WORDS && raw::bulk_store(target, whole)) {
-        for (atomic, chunk) in target.iter().zip(whole) {
-            atomic.store(u64::from_ne_bytes(*chunk), Ordering::Relaxed);
-        }
-    }
+    raw::store_words(target, whole);
     if !tail.is_empty() {
         let mut bytes = [0u8; 8];
         bytes[..tail.len()].copy_from_slice(tail);
@@ -379,6 +379,10 @@ mod tests {
             memory.read(8, &mut back);
             assert_eq!(&back[..len], &source[..len], "len {len}");
             assert!(back[len..].iter().all(|&b| b == 0), "padding of len {len}");
+            // Word reads see the same bytes, padding included.
+            let mut words = alloc::vec![[0xAAu8; 8]; padded / 8];
+            memory.read_words(8, &mut words);
+            assert_eq!(words.as_flattened(), &back[..], "words of len {len}");
             // Unaligned reads of a sub-range.
             for skip in 1..8.min(len) {
                 let mut part = alloc::vec![0u8; len - skip];

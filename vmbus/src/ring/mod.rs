@@ -226,6 +226,20 @@ fn read_wrapped<D: RingData>(data: D, data_len: u32, offset: u32, dst: &mut [u8]
     }
 }
 
+/// Copies `dst.len()` words out of the data area starting at the 8-aligned `offset`, continuing at the start when the
+/// end is reached. `offset` must be below the data length and `dst` no longer than the data area.
+#[inline(always)]
+fn read_wrapped_words<D: RingData>(data: D, data_len: u32, offset: u32, dst: &mut [[u8; 8]]) {
+    let room = ((data_len - offset) / RING_ALIGNMENT) as usize;
+    if dst.len() <= room {
+        data.read_words(offset as usize, dst);
+    } else {
+        let (first, second) = dst.split_at_mut(room);
+        data.read_words(offset as usize, first);
+        data.read_words(0, second);
+    }
+}
+
 /// Copies `src` into the data area at the 8-aligned `offset`, zero-padding to 8 bytes and continuing at the start when
 /// the end is reached; returns the index just past the padded bytes. The padded length must be below the data length.
 #[inline(always)]

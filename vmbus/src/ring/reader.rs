@@ -10,7 +10,7 @@ use super::wire::{
 };
 use super::{
     PACKET_TRAILER_SIZE, RING_ALIGNMENT, RingError, advance, checked_data_len, checked_index, next_word, read_wrapped,
-    used_bytes,
+    read_wrapped_words, used_bytes,
 };
 
 /// Size of the packet descriptor.
@@ -305,7 +305,9 @@ impl<M: RingMemory> IncomingPacket<'_, M> {
         let len = self.payload_len();
         let actual = dst.len();
         let target = dst.get_mut(..len).ok_or(RingError::BufferTooSmall { needed: len, actual })?;
-        read_wrapped(self.data, self.data_len, self.payload_at, target);
+        // The payload starts on a word and its length, padding included, is whole words: nothing is left over.
+        let (words, _) = target.as_chunks_mut::<8>();
+        read_wrapped_words(self.data, self.data_len, self.payload_at, words);
         Ok(len)
     }
 
