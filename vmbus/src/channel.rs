@@ -120,7 +120,7 @@ impl<M: RingMemory> ChannelRings<M> {
         let in_pages = total.checked_sub(out_pages).ok_or(ChannelError::RingLayout)?;
         let fits = |pages: u64, memory: &M| {
             let len = memory.data().len() as u64;
-            pages >= 2 && len % RING_PAGE_SIZE == 0 && len / RING_PAGE_SIZE == pages - 1
+            pages >= 2 && len.is_multiple_of(RING_PAGE_SIZE) && len / RING_PAGE_SIZE == pages - 1
         };
         if fits(out_pages, &self.outgoing) && fits(in_pages, &self.incoming) {
             Ok(())

@@ -555,10 +555,11 @@ impl<T: VmbusTransport> Connection<T> {
         self.events.retain(|e| *e != Event::Offered(relid));
         self.events.push_back(Event::Rescinded(relid));
         // Nothing of ours holds an unopened channel without GPADLs: release it now.
-        if entry.state == ChannelState::Offered && entry.gpadls.is_empty() {
-            if let Err(e) = self.forget_and_release(relid) {
-                log::warn!("vmbus: RELID_RELEASED for {relid} failed: {e}");
-            }
+        if entry.state == ChannelState::Offered
+            && entry.gpadls.is_empty()
+            && let Err(e) = self.forget_and_release(relid)
+        {
+            log::warn!("vmbus: RELID_RELEASED for {relid} failed: {e}");
         }
     }
 }
