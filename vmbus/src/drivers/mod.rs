@@ -6,6 +6,8 @@
 //! steady loop (timers such as the Dynamic Memory status report), and carries out what the drivers ask of the
 //! machine ([`DriverRequest`]: power off, restart, set the wall clock), which the drivers cannot do themselves.
 
+pub mod dm;
+
 use crate::kmcl::{ChannelHandle, Kmcl, Result};
 use crate::protocol::Guid;
 use alloc::vec::Vec;
