@@ -89,6 +89,7 @@ impl<M: RingMemory> RingReader<M> {
     }
 
     /// Starts a batch of reads; [`ReadBatch::commit`] publishes them with one store of `read_index`.
+    #[inline]
     pub fn batch(&mut self) -> ReadBatch<'_, M> {
         let cursor = self.read_index;
         let remaining = used_bytes(self.write_index, cursor, self.data_len);
@@ -149,14 +150,14 @@ impl<M: RingMemory> ReadBatch<'_, M> {
         }
         let packet_type = PacketType(first as u16);
         if header_len < EXTENDED_HEADER_MIN
-            && (packet_type == PacketType::DATA_USING_GPA_DIRECT
-                || packet_type == PacketType::DATA_USING_TRANSFER_PAGES)
+            && matches!(packet_type, PacketType::DATA_USING_GPA_DIRECT | PacketType::DATA_USING_TRANSFER_PAGES)
         {
             return Err(descriptor_error(first, available));
         }
         let start = self.cursor;
         let end = start + total;
-        let payload_at = if end < data_len {
+        let contiguous = end < data_len;
+        let payload_at = if contiguous {
             // The packet does not reach the end of the data area: no wrapping.
             self.cursor = end;
             start + header_len
@@ -171,6 +172,7 @@ impl<M: RingMemory> ReadBatch<'_, M> {
             start,
             payload_at,
             payload_len: packet_len - header_len,
+            contiguous,
             descriptor: [first, second],
         }))
     }
@@ -187,6 +189,7 @@ impl<M: RingMemory> ReadBatch<'_, M> {
     /// Publishes the new read index once for every packet returned, then applies the `pending_send_sz` rule (§6):
     /// if the writer supports it, signal when this read made free space cross from below its pending size to at least
     /// it.
+    #[inline]
     pub fn commit(self) -> Result<ReadOutcome, RingError> {
         let reader = self.reader;
         let previous = reader.read_index;
@@ -242,6 +245,8 @@ pub struct IncomingPacket<'a, M: RingMemory + 'a> {
     payload_at: u32,
     /// Length of the payload, padding included.
     payload_len: u32,
+    /// Whether the packet ends before the end of the data area, so that none of it wraps.
+    contiguous: bool,
     /// The checked descriptor, as the two words read from the ring.
     descriptor: [u64; 2],
 }
@@ -307,7 +312,11 @@ impl<M: RingMemory> IncomingPacket<'_, M> {
         let target = dst.get_mut(..len).ok_or(RingError::BufferTooSmall { needed: len, actual })?;
         // The payload starts on a word and its length, padding included, is whole words: nothing is left over.
         let (words, _) = target.as_chunks_mut::<8>();
-        read_wrapped_words(self.data, self.data_len, self.payload_at, words);
+        if self.contiguous {
+            self.data.read_words(self.payload_at as usize, words);
+        } else {
+            read_wrapped_words(self.data, self.data_len, self.payload_at, words);
+        }
         Ok(len)
     }
 

@@ -157,6 +157,11 @@ pub enum SpaceRequest {
 /// `read_index` is checked every time it is loaded.
 pub struct RingWriter<M: RingMemory> {
     memory: M,
+    indices: WriterIndices,
+}
+
+/// The writer's own state, kept apart from the memory so that a batch can borrow both at once.
+struct WriterIndices {
     data_len: u32,
     /// The published write index.
     write_index: u32,
@@ -165,6 +170,44 @@ pub struct RingWriter<M: RingMemory> {
     /// Longest packet (trailer excluded) that can ever be written: the wire limit, and the packet with its trailer
     /// must be shorter than the data area.
     max_packet_len: u32,
+}
+
+impl WriterIndices {
+    /// Loads and checks the peer's read index.
+    #[inline]
+    fn refresh_read_index<M: RingMemory + ?Sized>(&mut self, memory: &M) -> Result<u32, RingError> {
+        let value = memory.load_control(ControlField::ReadIndex);
+        self.read_index = checked_index(ControlField::ReadIndex, value, self.data_len)?;
+        Ok(self.read_index)
+    }
+
+    /// Free bytes after `cursor` by the read index last loaded.
+    #[inline]
+    fn free_after(&self, cursor: u32) -> u32 {
+        self.data_len - used_bytes(cursor, self.read_index, self.data_len)
+    }
+
+    /// Publishes `cursor` as the new write index and applies the signalling rule.
+    #[inline]
+    fn publish<M: RingMemory + ?Sized>(&mut self, memory: &M, cursor: u32) -> WriteOutcome {
+        if cursor == self.write_index {
+            return WriteOutcome { signal_peer: false };
+        }
+        let previous = self.write_index;
+        self.write_index = cursor;
+        memory.store_control(ControlField::WriteIndex, cursor);
+        // Order the index store before the loads of the reader's mask and index (§6: full barrier).
+        memory.full_fence();
+        if memory.load_control(ControlField::InterruptMask) != 0 {
+            return WriteOutcome { signal_peer: false };
+        }
+        let read = memory.load_control(ControlField::ReadIndex);
+        if let Ok(read) = checked_index(ControlField::ReadIndex, read, self.data_len) {
+            self.read_index = read;
+        }
+        // The ring was empty before this publication exactly when the reader had caught up with the old index.
+        WriteOutcome { signal_peer: read == previous }
+    }
 }
 
 impl<M: RingMemory> RingWriter<M> {
@@ -176,7 +219,7 @@ impl<M: RingMemory> RingWriter<M> {
         let read_index =
             checked_index(ControlField::ReadIndex, memory.load_control(ControlField::ReadIndex), data_len)?;
         let max_packet_len = MAX_PACKET_LEN.min(data_len - PACKET_TRAILER_SIZE - RING_ALIGNMENT);
-        Ok(Self { memory, data_len, write_index, read_index, max_packet_len })
+        Ok(Self { memory, indices: WriterIndices { data_len, write_index, read_index, max_packet_len } })
     }
 
     /// The ring memory.
@@ -186,29 +229,23 @@ impl<M: RingMemory> RingWriter<M> {
 
     /// Length of the data area in bytes.
     pub fn data_len(&self) -> u32 {
-        self.data_len
-    }
-
-    /// Loads and checks the peer's read index.
-    #[inline]
-    fn refresh_read_index(&mut self) -> Result<u32, RingError> {
-        let value = self.memory.load_control(ControlField::ReadIndex);
-        self.read_index = checked_index(ControlField::ReadIndex, value, self.data_len)?;
-        Ok(self.read_index)
+        self.indices.data_len
     }
 
     /// Free bytes in the ring now. A packet needing `n` bytes (trailer included) fits when `n` is less than this.
     pub fn free_space(&mut self) -> Result<u32, RingError> {
-        let read = self.refresh_read_index()?;
-        Ok(self.data_len - used_bytes(self.write_index, read, self.data_len))
+        self.indices.refresh_read_index(&self.memory)?;
+        Ok(self.indices.free_after(self.indices.write_index))
     }
 
     /// Starts a batch: packets pushed to it are written at once but published together by
     /// [`WriteBatch::commit`].
+    #[inline]
     pub fn batch(&mut self) -> WriteBatch<'_, M> {
-        let cursor = self.write_index;
-        let free = self.data_len - used_bytes(cursor, self.read_index, self.data_len);
-        WriteBatch { writer: self, cursor, free }
+        let Self { memory, indices } = self;
+        let cursor = indices.write_index;
+        let free = indices.free_after(cursor);
+        WriteBatch { data: memory.data(), memory, indices, cursor, free }
     }
 
     /// Writes and publishes one packet.
@@ -222,7 +259,7 @@ impl<M: RingMemory> RingWriter<M> {
     /// enough space, by setting `pending_send_sz` (§6). The value stored is `needed + 8`: the packet fits when free
     /// space exceeds `needed`, and free space is a multiple of 8. Returns whether space became free meanwhile.
     pub fn request_space_signal(&mut self, needed: u32) -> Result<SpaceRequest, RingError> {
-        if needed >= self.data_len {
+        if needed >= self.indices.data_len {
             return Err(RingError::PacketTooLarge { needed: needed as usize });
         }
         self.memory.store_control(ControlField::PendingSendSize, needed + RING_ALIGNMENT);
@@ -236,35 +273,16 @@ impl<M: RingMemory> RingWriter<M> {
     pub fn clear_space_signal(&mut self) {
         self.memory.store_control(ControlField::PendingSendSize, 0);
     }
-
-    /// Publishes `cursor` as the new write index and applies the signalling rule.
-    #[inline]
-    fn publish(&mut self, cursor: u32) -> WriteOutcome {
-        if cursor == self.write_index {
-            return WriteOutcome { signal_peer: false };
-        }
-        let previous = self.write_index;
-        self.write_index = cursor;
-        self.memory.store_control(ControlField::WriteIndex, cursor);
-        // Order the index store before the loads of the reader's mask and index (§6: full barrier).
-        self.memory.full_fence();
-        if self.memory.load_control(ControlField::InterruptMask) != 0 {
-            return WriteOutcome { signal_peer: false };
-        }
-        let read = self.memory.load_control(ControlField::ReadIndex);
-        if let Ok(read) = checked_index(ControlField::ReadIndex, read, self.data_len) {
-            self.read_index = read;
-        }
-        // The ring was empty before this publication exactly when the reader had caught up with the old index.
-        WriteOutcome { signal_peer: read == previous }
-    }
 }
 
 /// Packets written into the ring but not yet published (§6 batched writes). Dropping the batch without
 /// [`commit`](Self::commit) publishes nothing.
 #[must_use = "a write batch publishes nothing until it is committed"]
-pub struct WriteBatch<'a, M: RingMemory> {
-    writer: &'a mut RingWriter<M>,
+pub struct WriteBatch<'a, M: RingMemory + 'a> {
+    memory: &'a M,
+    /// The data area, fetched once for the whole batch.
+    data: M::Data<'a>,
+    indices: &'a mut WriterIndices,
     /// Where the next packet goes.
     cursor: u32,
     /// Free bytes after `cursor`, by the read index last loaded.
@@ -288,25 +306,24 @@ impl<M: RingMemory> WriteBatch<'_, M> {
 
     #[inline(never)]
     fn reserve_slow(&mut self, needed: u32) -> Result<(), RingError> {
-        let writer = &mut *self.writer;
-        let read = writer.refresh_read_index()?;
-        self.free = writer.data_len - used_bytes(self.cursor, read, writer.data_len);
+        self.indices.refresh_read_index(self.memory)?;
+        self.free = self.indices.free_after(self.cursor);
         if needed < self.free { Ok(()) } else { Err(RingError::Full { needed, free: self.free }) }
     }
 
     /// Writes a packet after the ones already pushed. On error nothing changes.
     #[inline(always)]
     pub fn push(&mut self, packet: &OutgoingPacket<'_>) -> Result<(), RingError> {
-        let data_len = self.writer.data_len;
+        let data_len = self.indices.data_len;
         let (header_len, packet_len) = packet.encoded_lengths()?;
-        if packet_len > self.writer.max_packet_len as usize {
+        if packet_len > self.indices.max_packet_len as usize {
             return Err(RingError::PacketTooLarge { needed: packet_len.saturating_add(PACKET_TRAILER_SIZE as usize) });
         }
         // Below 2^31: the packet fits the data area.
         let needed = packet_len as u32 + PACKET_TRAILER_SIZE;
         self.reserve(needed)?;
 
-        let data = self.writer.memory.data();
+        let data = self.data;
         let start = self.cursor;
         let descriptor = PacketDescriptor {
             packet_type: packet.kind.packet_type(),
@@ -336,8 +353,9 @@ impl<M: RingMemory> WriteBatch<'_, M> {
     }
 
     /// Publishes every packet pushed, with one store of `write_index`, and says whether to signal the reader.
+    #[inline]
     pub fn commit(self) -> WriteOutcome {
-        self.writer.publish(self.cursor)
+        self.indices.publish(self.memory, self.cursor)
     }
 }
 
