@@ -13,11 +13,14 @@
 extern crate alloc;
 
 mod arch;
+mod balloon_job;
 mod bus;
 mod cmdline;
+mod drivers;
 mod console;
 mod exit;
 mod hyperv;
+mod job;
 mod ktest;
 mod mm;
 mod platform;
@@ -107,6 +110,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
             let first = arch::power::ResetMethod::first_from(cmdline.get("reset"));
             arch::power::shutdown(arch::power::PowerAction::Restart(first), hyperv::teardown)
         }
+        Some("balloon") => balloon_job::run(cmdline.get("seconds").and_then(|s| s.parse().ok()).unwrap_or(60)),
         Some("fault") => provoke_page_fault(),
         Some("stack-overflow") => {
             log::info!("mode=stack-overflow: recursing until the stack's guard page");

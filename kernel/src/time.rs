@@ -486,6 +486,22 @@ pub fn now() -> u64 {
     ((u128::from(ticks) * u128::from(clock.ns_per_tick_fp32)) >> 32) as u64
 }
 
+/// The wall clock: UNIX time in nanoseconds at [`now`] = 0, once a time source (the timesync integration service)
+/// set it.
+static WALL_CLOCK_AT_ZERO: spin::Mutex<Option<i128>> = spin::Mutex::new(None);
+
+/// Sets the wall clock: at monotonic time `at_ns` ([`now`]'s scale), UNIX time was `unix_time_ns`. Returns the
+/// correction against the previous setting in nanoseconds (`None` the first time).
+pub fn set_wall_clock(unix_time_ns: i128, at_ns: u64) -> Option<i128> {
+    let at_zero = unix_time_ns - i128::from(at_ns);
+    WALL_CLOCK_AT_ZERO.lock().replace(at_zero).map(|previous| at_zero - previous)
+}
+
+/// UNIX time in nanoseconds now, or `None` while no time source has set the wall clock.
+pub fn wall_clock_ns() -> Option<i128> {
+    WALL_CLOCK_AT_ZERO.lock().map(|at_zero| at_zero + i128::from(now()))
+}
+
 /// The calibrated frequencies, or `None` before [`init`] succeeded.
 pub fn frequencies() -> Option<Frequencies> {
     CLOCK.get().and_then(|c| c.calibration).map(|(frequencies, _)| frequencies)
@@ -523,7 +539,22 @@ pub const KTESTS: &[KTest] = &[
     KTest { name: "time::clock_matches_reference", run: clock_matches_reference },
     KTest { name: "time::kernel_timer_one_shot_fires_once", run: kernel_timer_one_shot_fires_once },
     KTest { name: "time::kernel_timer_periodic_tick_count", run: kernel_timer_periodic_tick_count },
+    KTest { name: "time::wall_clock_follows_the_monotonic_clock", run: wall_clock_follows_the_monotonic_clock },
 ];
+
+fn wall_clock_follows_the_monotonic_clock() -> TestResult {
+    let saved = *WALL_CLOCK_AT_ZERO.lock();
+    // 2026-11-22 00:00:00 UTC, set as of a moment 1 ms ago.
+    let unix = 1_795_305_600i128 * 1_000_000_000;
+    let at = now().saturating_sub(1_000_000);
+    set_wall_clock(unix, at);
+    let read = wall_clock_ns().ok_or("the wall clock is not set")?;
+    let correction = set_wall_clock(unix + 500, at);
+    *WALL_CLOCK_AT_ZERO.lock() = saved;
+    kassert!(read >= unix + 1_000_000 && read < unix + 1_000_000_000, "wall clock {read} vs {unix}");
+    kassert_eq!(correction, Some(500));
+    Ok(())
+}
 
 fn now_is_monotonic() -> TestResult {
     let first = now();
