@@ -1,6 +1,7 @@
 //! Memory: the physical-memory window the bootloader maps, the frame allocator, the kernel heap and the page-table
 //! helpers.
 
+pub mod balloon;
 pub mod frames;
 pub mod heap;
 pub mod paging;
@@ -52,6 +53,8 @@ pub const KTESTS: &[KTest] = &[
     KTest { name: "mm::heap_box_and_vec", run: heap_box_and_vec },
     KTest { name: "mm::heap_is_physically_contiguous", run: heap_is_physically_contiguous },
     KTest { name: "mm::frames_alloc_free_zeroed", run: frames_alloc_free_zeroed },
+    KTest { name: "mm::balloon_runs_are_disjoint", run: balloon::runs_are_disjoint_and_given_back_whole },
+    KTest { name: "mm::balloon_figures_leave_held_frames_out", run: balloon::figures_leave_held_frames_out },
 ];
 
 fn heap_box_and_vec() -> crate::ktest::TestResult {
