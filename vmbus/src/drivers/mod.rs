@@ -8,6 +8,17 @@
 
 pub mod dm;
 
+pub mod heartbeat;
+pub mod ic;
+pub mod kvp;
+pub mod shutdown;
+pub mod timesync;
+
+pub use heartbeat::HeartbeatDriver;
+pub use kvp::KvpDriver;
+pub use shutdown::ShutdownDriver;
+pub use timesync::{MonotonicClock, TimeSyncDriver};
+
 use crate::kmcl::{ChannelHandle, Kmcl, Result};
 use crate::protocol::Guid;
 use alloc::vec::Vec;
@@ -62,6 +73,11 @@ pub trait Driver: Send {
     /// One line of state for the device table and logs (for example the negotiated versions).
     fn status(&self) -> alloc::string::String {
         alloc::string::String::new()
+    }
+
+    /// The driver's channel while started (`None` before [`Driver::start`] and after [`Driver::stop`]).
+    fn channel(&self) -> Option<ChannelHandle> {
+        None
     }
 
     /// Disables and cleans up the channel (before power-off or restart).

@@ -24,6 +24,7 @@
 mod channel;
 mod config;
 mod control;
+pub mod devices;
 pub mod endpoint;
 pub mod loopback;
 mod mapping;
