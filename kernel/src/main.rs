@@ -14,7 +14,6 @@ extern crate alloc;
 
 mod arch;
 mod balloon_job;
-mod balloon_job;
 mod bus;
 mod cmdline;
 mod drivers;
@@ -111,7 +110,6 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
             let first = arch::power::ResetMethod::first_from(cmdline.get("reset"));
             arch::power::shutdown(arch::power::PowerAction::Restart(first), hyperv::teardown)
         }
-        Some("balloon") => balloon_job::run(cmdline.get("seconds").and_then(|s| s.parse().ok()).unwrap_or(60)),
         Some("balloon") => balloon_job::run(cmdline.get("seconds").and_then(|s| s.parse().ok()).unwrap_or(60)),
         Some("fault") => provoke_page_fault(),
         Some("stack-overflow") => {
