@@ -11,6 +11,7 @@ use spin::Mutex;
 use vmbus::client::{ConnectOptions, Connection};
 use vmbus::drivers::ic::IC_MAX_PACKET_SIZE;
 use vmbus::drivers::{Driver, DriverRequest, HeartbeatDriver, KvpDriver, ShutdownDriver, TimeSyncDriver};
+use vmbus::ic::HeartbeatService;
 use vmbus::ic::framing::{IcFrame, MessageFields, build_message};
 use vmbus::ic::guest::IcError;
 use vmbus::ic::host::{FixedClock, HostModelError};
@@ -22,6 +23,7 @@ use vmbus::ic::wire::{ApplicationState, IcFlags, IcMessageType, IcStatus, IcVers
 use vmbus::kmcl::echo::EchoDriver;
 use vmbus::kmcl::{Bus, ChannelState, Kmcl};
 use vmbus::memory::{ArenaInterruptPages, ArenaRingAllocator, PAGE_SIZE, PageArena};
+use vmbus::ring::{OutgoingPacket, PacketType};
 use vmbus::server::devices::{DeviceDetail, DeviceError, DeviceHost, DeviceHostConfig, DeviceKind, DeviceSpec};
 use vmbus::server::{LoopbackBus, ServerConfig};
 
@@ -556,4 +558,113 @@ fn a_driver_started_before_the_offer_binds_when_it_arrives() {
     assert_eq!(heartbeat.answered(), 1);
     assert_eq!(heartbeat.interface_type(), vmbus::protocol::device_class::HEARTBEAT);
     assert_eq!(heartbeat.name(), "heartbeat");
+}
+
+type RawChannel = vmbus::channel::Channel<vmbus::memory::ArenaRing>;
+
+/// A raw guest (no KMCL): reads what the host sent on `channel`, lets the guest heartbeat service answer it, and
+/// sends `tamper`'s version of each answer (`None`: nothing).
+fn raw_guest_turn(
+    bus: &'static LoopbackBus,
+    pages: &ArenaInterruptPages,
+    channel: &mut RawChannel,
+    service: &mut HeartbeatService,
+    tamper: impl Fn(Vec<u8>) -> Option<Vec<u8>>,
+) -> usize {
+    let mut received = Vec::new();
+    channel
+        .receive(&bus, pages, |packet| {
+            let mut payload = vec![0u8; packet.payload_len()];
+            packet.read_payload(&mut payload).unwrap();
+            received.push(payload);
+        })
+        .unwrap();
+    for payload in &received {
+        let answer = service.handle(payload).map(|reply| reply.response).unwrap_or_else(|failure| failure.response);
+        if let Some(answer) = answer.and_then(&tamper) {
+            let _ = channel.send(&OutgoingPacket::in_band(1, &answer), &bus, pages).unwrap();
+        }
+    }
+    received.len()
+}
+
+#[test]
+fn a_lying_guest_gets_its_wrong_answers_counted_never_trusted() {
+    let arena = PageArena::new(BASE_PFN, 64);
+    let bus: &'static LoopbackBus = Box::leak(Box::new(LoopbackBus::with_memory(ServerConfig::new(), arena.clone())));
+    let mut host = DeviceHost::new(Box::new(host_clock()));
+    let relid = host.offer(bus, DeviceSpec::new(DeviceKind::Heartbeat)).unwrap();
+    let interrupt_page = arena.allocate(1).unwrap() * PAGE_SIZE;
+    let monitor_pages = arena.allocate(2).unwrap() * PAGE_SIZE;
+    let mut conn =
+        Connection::connect(bus, ConnectOptions::new(interrupt_page, (monitor_pages, monitor_pages + PAGE_SIZE)))
+            .unwrap();
+    conn.request_offers().unwrap();
+    let pages = ArenaInterruptPages::new(arena.clone(), Some(interrupt_page), Some(monitor_pages + PAGE_SIZE));
+    let rings = arena.channel_rings(4, 4).unwrap();
+    let mut channel = RawChannel::open(&mut conn, relid, rings, 0, &[]).unwrap();
+    let mut service = HeartbeatService::new();
+    let second = 1_000_000_000;
+    let errors = |host: &DeviceHost| host.report(DeviceKind::Heartbeat).unwrap().errors;
+
+    // NEGOTIATE answered truthfully; then heartbeat 0 answered with 5 instead of 1.
+    host.run(bus, 0);
+    assert_eq!(raw_guest_turn(bus, &pages, &mut channel, &mut service, Some), 1);
+    host.run(bus, 1);
+    assert!(host.report(DeviceKind::Heartbeat).unwrap().negotiated.is_some());
+    raw_guest_turn(bus, &pages, &mut channel, &mut service, |mut answer| {
+        answer[28..36].copy_from_slice(&5u64.to_le_bytes());
+        Some(answer)
+    });
+    host.run(bus, 2);
+    let report = host.report(DeviceKind::Heartbeat).unwrap().clone();
+    assert_eq!(
+        report.last_error,
+        Some(DeviceError::Model(HostModelError::WrongSequence { expected: 1, got: 5 })),
+        "{report:?}"
+    );
+
+    // Heartbeat 1 answered without the RESPONSE flag: not an answer, so the heartbeat stays outstanding and the next
+    // period is late.
+    host.run(bus, second + 2);
+    raw_guest_turn(bus, &pages, &mut channel, &mut service, |mut answer| {
+        answer[25] = IcFlags::TRANSACTION.bits();
+        Some(answer)
+    });
+    host.run(bus, second + 3);
+    assert_eq!(errors(&host), 2);
+    assert_eq!(
+        host.report(DeviceKind::Heartbeat).unwrap().last_error,
+        Some(DeviceError::Model(HostModelError::NotAResponse))
+    );
+    host.run(bus, 2 * second + 3);
+    let DeviceDetail::Heartbeat { answered: 0, late: 1, .. } = host.report(DeviceKind::Heartbeat).unwrap().detail
+    else {
+        panic!("{:?}", host.report(DeviceKind::Heartbeat))
+    };
+
+    // Garbage and a completion the host never asked for.
+    let _ = channel.send(&OutgoingPacket::in_band(2, &[1, 2, 3]), &bus, &pages).unwrap();
+    let _ = channel.send(&OutgoingPacket::completion(3, b"surprise"), &bus, &pages).unwrap();
+    host.run(bus, 2 * second + 4);
+    assert_eq!(errors(&host), 4);
+    assert_eq!(
+        host.report(DeviceKind::Heartbeat).unwrap().last_error,
+        Some(DeviceError::PacketType(PacketType::COMPLETION))
+    );
+
+    // A truthful answer is still taken.
+    host.run(bus, 3 * second + 4);
+    assert_eq!(raw_guest_turn(bus, &pages, &mut channel, &mut service, Some), 1);
+    host.run(bus, 3 * second + 5);
+    let report = host.report(DeviceKind::Heartbeat).unwrap().clone();
+    let DeviceDetail::Heartbeat { answered: 1, last: Some(last), .. } = report.detail else { panic!("{report:?}") };
+    assert_eq!(last.sequence, 3, "heartbeat 2 answered with 3");
+    assert_eq!(report.errors, 4);
+    assert!(report.summary().starts_with("heartbeat (relid 1): framework 3.0 message 3.0;"), "{}", report.summary());
+
+    // The guest closes: the host drops the endpoint and counts the close.
+    channel.close(&mut conn).unwrap();
+    host.run(bus, 4 * second);
+    assert_eq!(host.report(DeviceKind::Heartbeat).unwrap().closes, 1);
 }

@@ -39,10 +39,6 @@ use alloc::vec::Vec;
 /// Answers to messages the host did not expect kept per device ([`DeviceReport::unexpected`]), newest last.
 pub const KEPT_UNEXPECTED_ANSWERS: usize = 8;
 
-/// Packets a device sends before it stops reading in one [`DeviceHost::run`] (a guest flooding the host cannot keep
-/// it in one turn for ever).
-const MAX_PACKETS_PER_RUN: usize = 256;
-
 /// The devices the host can play.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
@@ -794,7 +790,7 @@ impl DeviceHost {
             {
                 device.record(DeviceError::Endpoint(error));
             }
-            for packet in packets.into_iter().take(MAX_PACKETS_PER_RUN) {
+            for packet in packets {
                 read += 1;
                 device.handle_packet(
                     packet.packet_type,
