@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Mutex;
 use vmbus::client::{ConnectOptions, Connection};
-use vmbus::drivers::ic::IC_MAX_PACKET_SIZE;
+use vmbus::drivers::ic::{IC_MAX_PACKET_SIZE, MAX_QUEUED_REQUESTS};
 use vmbus::drivers::{Driver, DriverRequest, HeartbeatDriver, KvpDriver, ShutdownDriver, TimeSyncDriver};
 use vmbus::ic::HeartbeatService;
 use vmbus::ic::framing::{IcFrame, MessageFields, build_message};
@@ -667,4 +667,20 @@ fn a_lying_guest_gets_its_wrong_answers_counted_never_trusted() {
     channel.close(&mut conn).unwrap();
     host.run(bus, 4 * second);
     assert_eq!(host.report(DeviceKind::Heartbeat).unwrap().closes, 1);
+}
+
+#[test]
+fn requests_the_kernel_does_not_take_are_bounded() {
+    let config = DeviceHostConfig { timesync_period_ns: Some(50_000_000), ..DeviceHostConfig::default() };
+    let mut rig = Rig::new(config, &[]);
+    let mut timesync = TimeSyncDriver::new(rig.clock());
+    timesync.start(&mut rig.kmcl).unwrap();
+    rig.rounds(400);
+    let counters = timesync.counters();
+    assert!(counters.handled >= 40, "{counters:?}");
+    let requests = timesync.take_requests();
+    assert_eq!(requests.len(), MAX_QUEUED_REQUESTS, "the newest kept");
+    assert_eq!(counters.requests_dropped, counters.handled - MAX_QUEUED_REQUESTS as u64);
+    let DriverRequest::SetWallClock { at_ns, .. } = requests[MAX_QUEUED_REQUESTS - 1] else { panic!() };
+    assert_eq!(Some(at_ns), timesync.last_setting().map(|(_, at)| at), "the last one is the newest");
 }

@@ -11,9 +11,12 @@
 //! request at once. Malformed, unknown or early messages are counted and answered or ignored as the service decides;
 //! nothing here panics on host input.
 //!
-//! ⚠ The reference says the answer carries the request's VMBus transaction id. The KMCL API has no way to choose the
-//! id of a new packet (`VmbPacketSend` numbers its own), so the answer carries the bus's id; hosts match answers by
-//! the IC header's transaction id, which the answer does echo.
+//! ⚠ The reference says the answer carries the request's VMBus transaction id (as Linux sends it). The KMCL API has
+//! no way to choose the id of a new packet (`VmbPacketSend` numbers its own), so the answer carries the bus's id and
+//! echoes the request's id only in the IC header. Hosts are observed to go by the IC header's id (MacHyperVSupport's
+//! IC header notes that the ICs disregard the VMBus transaction id; OpenVMM's IC devices read messages through a
+//! pipe, where packet ids play no part); a host that matched on the VMBus id would need a KMCL call that sends with
+//! a chosen id.
 
 use super::DriverRequest;
 use crate::ic::guest::{GuestIcService, IcAction, IcError};

@@ -5,6 +5,10 @@
 //! The kernel holds its drivers as [`Driver`]s: it starts each on its KMCL bus, calls [`Driver::tick`] from its
 //! steady loop (timers such as the Dynamic Memory status report), and carries out what the drivers ask of the
 //! machine ([`DriverRequest`]: power off, restart, set the wall clock), which the drivers cannot do themselves.
+//!
+//! The integration services: [`HeartbeatDriver`], [`ShutdownDriver`], [`TimeSyncDriver`] and [`KvpDriver`], one
+//! [`ic::IcDriver`] each around the guest service of [`crate::ic`]. Their host side, for tests and the loopback bus,
+//! is [`crate::server::devices::DeviceHost`].
 
 pub mod dm;
 
