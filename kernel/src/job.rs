@@ -183,9 +183,16 @@ fn serve(bus: &mut dyn JobBus, mut drivers: Vec<Box<dyn Driver>>, deadline: Opti
         }
         bus.wait();
     };
+    // Let the host take the last answers (the shutdown response) before the reports are printed.
+    for _ in 0..3 {
+        bus.dispatch();
+    }
 
     for driver in &drivers {
         kprintln!("driver {}: {}", driver.name(), driver.status());
+    }
+    for line in crate::drivers::loopback_host_report() {
+        kprintln!("loopback host: {line}");
     }
     for driver in drivers.iter_mut() {
         if let Err(status) = driver.stop(bus.kmcl()) {

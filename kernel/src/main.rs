@@ -98,6 +98,7 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
                 arch::apic::KTESTS,
                 time::KTESTS,
                 arch::acpi::KTESTS,
+                arch::rtc::KTESTS,
                 console::framebuffer::KTESTS,
                 hyperv::KTESTS,
                 bus::KTESTS,
@@ -124,31 +125,11 @@ fn kmain(boot_info: &'static mut BootInfo) -> ! {
         None => {}
     }
 
-    list_vmbus_offers();
+    job::run(&cmdline);
     // Leave the hypervisor as firmware would expect to find it after a reboot.
     hyperv::teardown();
     log::info!("main job finished");
     exit(ExitCode::Success)
-}
-
-/// Connects to the host's VMBus, prints what it offers, and unloads; says why where there is no VMBus.
-fn list_vmbus_offers() {
-    match bus::connect() {
-        Ok(mut connection) => {
-            kprintln!("{}", bus::negotiation_line(&connection));
-            kprintln!(
-                "VMBus {} (message connection id {}), {} offers (all delivered):\n{}",
-                connection.version(),
-                connection.message_connection_id(),
-                connection.offers().count(),
-                bus::offer_table(connection.offers(), |_| false)
-            );
-            if let Err(e) = connection.unload() {
-                log::warn!("vmbus: unload: {e}");
-            }
-        }
-        Err(e) => kprintln!("VMBus: not connected: {e}"),
-    }
 }
 
 /// Recurses until the kernel stack overflows into its guard page: the page fault cannot push its frame there, so

@@ -11,6 +11,7 @@ pub mod interrupts;
 pub mod pic;
 pub mod pit;
 pub mod power;
+pub mod rtc;
 
 /// Loads the GDT/TSS and the IDT. Call first thing at boot so every later fault is reported.
 pub fn init_cpu_tables() {
