@@ -684,3 +684,27 @@ fn requests_the_kernel_does_not_take_are_bounded() {
     let DriverRequest::SetWallClock { at_ns, .. } = requests[MAX_QUEUED_REQUESTS - 1] else { panic!() };
     assert_eq!(Some(at_ns), timesync.last_setting().map(|(_, at)| at), "the last one is the newest");
 }
+
+#[test]
+fn a_driver_stopped_and_started_again_is_negotiated_again() {
+    let mut rig = Rig::new(DeviceHostConfig::default(), &[]);
+    let mut heartbeat = HeartbeatDriver::new();
+    let first = heartbeat.start(&mut rig.kmcl).unwrap();
+    rig.rounds(120);
+    let answered = heartbeat.answered();
+    assert!(answered >= 2);
+    heartbeat.stop(&mut rig.kmcl).unwrap();
+    assert_eq!(heartbeat.channel(), None);
+    assert_eq!(rig.kmcl.channel_state(first), Err(vmbus::kmcl::NtStatus::INVALID_PARAMETER_1), "cleaned up");
+    rig.rounds(50);
+    assert_eq!(heartbeat.answered(), answered, "no traffic while stopped");
+    heartbeat.start(&mut rig.kmcl).unwrap();
+    rig.rounds(120);
+    assert!(heartbeat.answered() >= answered + 2, "heartbeats again after the new negotiation");
+    assert_eq!(heartbeat.counters().negotiations, 2);
+    assert_eq!(heartbeat.inspect(|state| state.opens), 2);
+    let report = rig.report(DeviceKind::Heartbeat);
+    assert_eq!((report.opens, report.closes, report.errors), (2, 1, 0), "{report:?}");
+    let DeviceDetail::Heartbeat { answered: host_answered, .. } = report.detail else { panic!() };
+    assert_eq!(host_answered, heartbeat.answered());
+}

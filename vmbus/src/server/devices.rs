@@ -686,7 +686,7 @@ impl Device {
     }
 }
 
-/// The loopback host's devices (see the module documentation).
+/// The loopback host's devices (see the module documentation). `Send`, so a kernel can run it from its host turn.
 pub struct DeviceHost {
     devices: Vec<Device>,
     clock: Box<dyn HostClock + Send>,
@@ -849,3 +849,9 @@ impl DeviceHost {
         self.devices.iter().map(|d| d.report.summary()).collect()
     }
 }
+
+/// The kernel keeps the host in a `Send` closure (its loopback host turn).
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<DeviceHost>();
+};
