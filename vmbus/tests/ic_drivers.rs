@@ -430,7 +430,7 @@ fn unknown_short_malformed_and_oversized_host_packets_are_answered_or_ignored_as
     ];
     let mut answers = 0;
     for (name, payload, answer) in &cases {
-        rig.host.lock().inject(rig.bus, relid, payload).unwrap();
+        assert!(rig.host.lock().inject(rig.bus, relid, payload).unwrap(), "{name}: in the ring");
         rig.rounds(2);
         let report = rig.report(DeviceKind::Heartbeat);
         match answer {
@@ -455,7 +455,7 @@ fn unknown_short_malformed_and_oversized_host_packets_are_answered_or_ignored_as
     // Oversized: the bus drops it before the driver sees it.
     let dropped = rig.kmcl.stats().oversized_packets;
     let big = ic_message(1, ask, &vec![0; IC_MAX_PACKET_SIZE as usize]);
-    rig.host.lock().inject(rig.bus, relid, &big).unwrap();
+    assert!(rig.host.lock().inject(rig.bus, relid, &big).unwrap());
     rig.rounds(2);
     assert_eq!(rig.kmcl.stats().oversized_packets, dropped + 1);
     assert_eq!(drivers.heartbeat.counters().received, counters.received);
@@ -478,7 +478,7 @@ fn a_guest_speaking_after_the_empty_answer_refuses_service_messages() {
     let relid = rig.relids[0];
     let mut malformed = ic_message(0, IcFlags::TRANSACTION | IcFlags::REQUEST, &[0; 8]);
     malformed[28..30].copy_from_slice(&50u16.to_le_bytes());
-    rig.host.lock().inject(rig.bus, relid, &malformed).unwrap();
+    assert!(rig.host.lock().inject(rig.bus, relid, &malformed).unwrap());
     rig.rounds(60);
     let report = rig.report(DeviceKind::Heartbeat);
     assert_eq!(report.last_error, Some(DeviceError::Model(HostModelError::Status(IcStatus::FAIL))), "{report:?}");

@@ -411,6 +411,8 @@ impl Device {
     fn opened(&mut self, endpoint: ServerEndpoint<PageArena>) {
         self.endpoint = Some(endpoint);
         self.report.opens += 1;
+        self.report.negotiated = None;
+        self.report.negotiation_error = None;
         self.model = Model::new(&self.spec);
         self.outbox.clear();
         self.pings.clear();
@@ -811,15 +813,16 @@ impl DeviceHost {
 
     /// Sends `payload` in band on device `relid`'s channel as the host would send an IC message — for tests of a
     /// guest's handling of malformed, unknown or oversized messages. Its answer, if any, lands in
-    /// [`DeviceReport::unexpected`].
-    pub fn inject(&mut self, bus: &LoopbackBus, relid: u32, payload: &[u8]) -> Result<(), EndpointError> {
+    /// [`DeviceReport::unexpected`]. Returns whether it is in the ring now (`false`: the ring is full and it goes on
+    /// a later [`DeviceHost::run`]); [`EndpointError::Closed`] when the device has no open channel.
+    pub fn inject(&mut self, bus: &LoopbackBus, relid: u32, payload: &[u8]) -> Result<bool, EndpointError> {
         let device = self.devices.iter_mut().find(|d| d.report.relid == relid).ok_or(EndpointError::Closed)?;
         if device.endpoint.is_none() {
             return Err(EndpointError::Closed);
         }
         device.outbox.push_back(Outgoing::InBand(payload.to_vec()));
         device.flush(bus);
-        if device.outbox.is_empty() { Ok(()) } else { Err(EndpointError::Ring(RingError::Full { needed: 0, free: 0 })) }
+        Ok(device.outbox.is_empty())
     }
 
     /// Rescinds device `relid` (the guest sees RESCINDCHANNEL); the device is no longer played.
