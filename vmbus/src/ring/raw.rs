@@ -198,7 +198,9 @@ mod sse {
     }
 
     /// Copies `source` into `dst` (the shorter length): the ring's words one by one up to a 16-byte boundary, then
-    /// 16 bytes at a time, 64 while at least that much is left.
+    /// 16 bytes at a time, 64 while at least that much is left. Memory-safe anywhere; the copy is the atomic copy the
+    /// module comment describes only where [`atomic_16_byte_moves`] holds, so [`super::copy_method`] checks that first
+    /// (the unit tests call it directly, with no concurrent peer).
     #[inline(always)]
     pub(super) fn load(source: &[AtomicU64], dst: &mut [[u8; 8]]) {
         let len = source.len().min(dst.len());

@@ -149,9 +149,7 @@ impl<M: RingMemory> ReadBatch<'_, M> {
             return Err(descriptor_error(first, available));
         }
         let packet_type = PacketType(first as u16);
-        if header_len < EXTENDED_HEADER_MIN
-            && matches!(packet_type, PacketType::DATA_USING_GPA_DIRECT | PacketType::DATA_USING_TRANSFER_PAGES)
-        {
+        if header_len < EXTENDED_HEADER_MIN && has_type_specific_header(packet_type) {
             return Err(descriptor_error(first, available));
         }
         let start = self.cursor;
@@ -214,6 +212,14 @@ impl<M: RingMemory> ReadBatch<'_, M> {
         let free_after = data_len - used_bytes(write, current, data_len);
         Ok(ReadOutcome { signal_peer: free_before < pending && free_after >= pending })
     }
+}
+
+/// Whether packets of `packet_type` carry a type-specific header (GPA-direct, 9, and transfer-page, 7, packets; §6).
+#[inline(always)]
+fn has_type_specific_header(packet_type: PacketType) -> bool {
+    const { assert!(PacketType::DATA_USING_TRANSFER_PAGES.0 == 7 && PacketType::DATA_USING_GPA_DIRECT.0 == 9) };
+    // `type - 7` is 0 or 2 exactly for those two types: one subtraction and one test instead of two comparisons.
+    packet_type.0.wrapping_sub(7) & !2 == 0
 }
 
 /// The error for a descriptor (first word `first`) that failed the checks of [`ReadBatch::next_packet`].
@@ -533,5 +539,18 @@ impl Iterator for TransferPageRangeIter<'_> {
         let (range, tail) = TransferPageRange::read_from_prefix(self.rest).ok()?;
         self.rest = tail;
         Some(range)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_gpa_direct_and_transfer_page_packets_have_a_type_specific_header() {
+        for value in 0..=u16::MAX {
+            let expected = matches!(value, 7 | 9);
+            assert_eq!(has_type_specific_header(PacketType(value)), expected, "type {value}");
+        }
     }
 }
