@@ -48,7 +48,8 @@ fn intrinsics() -> GuestIntrinsics {
         os_major_version: String::from(env!("CARGO_PKG_VERSION_MAJOR")),
         os_minor_version: String::from(env!("CARGO_PKG_VERSION_MINOR")),
         os_version: String::from(crate::VERSION),
-        processor_architecture: String::from("x86_64"),
+        // Hyper-V shows the Windows PROCESSOR_ARCHITECTURE number as text: 9 is AMD64.
+        processor_architecture: String::from("9"),
     }
 }
 

@@ -107,7 +107,7 @@ fn a_stack_overflow_is_reported_as_a_double_fault() {
 /// The main job's log shows the CPU bring-up: the local APIC's mode, the calibration source, and the framebuffer.
 #[test]
 fn boot_log_shows_apic_clock_and_screen() {
-    let run = boot_kernel("bring-up-log", None);
+    let run = boot_kernel("bring-up-log", Some("seconds=1"));
     assert_eq!(run.exit, Exit::GuestSuccess);
     let log = &run.serial;
     let apic = logged_after(log, "apic: local APIC id ").expect("APIC line missing");
@@ -122,7 +122,7 @@ fn boot_log_shows_apic_clock_and_screen() {
 #[test]
 fn platform_report_says_no_hyperv_under_tcg() {
     let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
-    let run = tests::boot_kernel_with("no-hyperv", None, tcg);
+    let run = tests::boot_kernel_with("no-hyperv", Some("seconds=1"), tcg);
     assert_eq!(run.exit, Exit::GuestSuccess);
     let log = &run.serial;
     let report = &log[log.find("platform report:").expect("platform report missing")..];
