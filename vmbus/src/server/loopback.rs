@@ -91,6 +91,68 @@ pub struct LoopbackStats {
     pub guest_signals: u64,
 }
 
+/// Faults the bus injects into what the host sends the guest (issue 7 §3), each with a probability in 1/65536
+/// units, drawn from a seeded generator so that a failing run replays exactly.
+///
+/// - `delay`: a control message waits for a later host turn (everything behind it waits too: the protocol's
+///   messages stay in order, as the real host's do).
+/// - `duplicate`: a control message is delivered twice (the guest must count and drop the copy).
+/// - `drop_signal`: a host → guest channel signal sets the event flag but raises no interrupt — the one loss the
+///   protocol tolerates (the data is in the ring; a guest that polls or takes the next interrupt still finds it).
+///   Control messages are never dropped: VMBus has no retransmission, a real host never loses them.
+/// - `corrupt`: one byte of a control message is replaced (the guest must refuse or ignore it, never panic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Probability of delaying a control message.
+    pub delay: u16,
+    /// Probability of duplicating a control message.
+    pub duplicate: u16,
+    /// Probability of dropping a channel signal's interrupt (any other interrupt pending on SINT 2 then is lost with
+    /// it; the guest still finds messages and ring data when it next looks).
+    pub drop_signal: u16,
+    /// Probability of corrupting a control message.
+    pub corrupt: u16,
+}
+
+/// What the injector did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Control messages held for a later turn.
+    pub delayed: u64,
+    /// Control messages delivered twice.
+    pub duplicated: u64,
+    /// Channel signals whose interrupt was dropped.
+    pub dropped_signals: u64,
+    /// Control messages with a byte replaced.
+    pub corrupted: u64,
+}
+
+/// The injector's state: the plan and a xorshift64* generator.
+#[derive(Debug, Default)]
+struct Faults {
+    plan: FaultPlan,
+    state: u64,
+    stats: FaultStats,
+}
+
+impl Faults {
+    fn next(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.state = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Draws with probability `p` / 65536.
+    fn hit(&mut self, p: u16) -> bool {
+        p != 0 && (self.next() & 0xFFFF) < u64::from(p)
+    }
+}
+
 /// The host's end of an open channel, as the bus keeps it.
 struct EndpointSlot {
     /// The endpoint, until the test takes it.
@@ -114,6 +176,8 @@ struct GlueState {
     monitored: BTreeMap<u8, u32>,
     /// The guest's monitor page 2 (child → parent), from INITIATE_CONTACT.
     monitor_page2: Option<u64>,
+    /// Fault injection ([`LoopbackBus::set_faults`]).
+    faults: Faults,
 }
 
 /// A VMBus host ([`Server`]) and a simulated hypervisor wired together for a guest [`Connection`]: see the
@@ -177,6 +241,7 @@ impl LoopbackBus {
                 endpoints: BTreeMap::new(),
                 monitored: BTreeMap::new(),
                 monitor_page2: None,
+                faults: Faults::default(),
             }),
         }
     }
@@ -421,15 +486,37 @@ impl LoopbackBus {
         self.hypervisor.advance_time(ns.div_ceil(100));
     }
 
-    /// Moves the server's outgoing messages into SINT 2 until the SynIC queue refuses one.
+    /// Moves the server's outgoing messages into SINT 2 until the SynIC queue refuses one (or the fault injector
+    /// holds one back for a later turn).
     fn deliver(&self, server: &mut Server) {
         let mut delivered = 0;
         let mut stalled = false;
         while let Some(message) = server.peek_outgoing() {
-            match self.hypervisor.send_to_guest(VMBUS_MESSAGE_SINT, HvMessageType::VMBUS, message.as_bytes()) {
+            let mut bytes = alloc::vec::Vec::from(message.as_bytes());
+            let (delay, duplicate) = {
+                let mut glue = self.glue.lock();
+                let plan = glue.faults.plan;
+                let delay = glue.faults.hit(plan.delay);
+                let duplicate = !delay && glue.faults.hit(plan.duplicate);
+                if !delay && glue.faults.hit(plan.corrupt) && !bytes.is_empty() {
+                    let at = (glue.faults.next() % bytes.len() as u64) as usize;
+                    bytes[at] ^= (glue.faults.next() as u8) | 1;
+                    glue.faults.stats.corrupted += 1;
+                }
+                glue.faults.stats.delayed += u64::from(delay);
+                (delay, duplicate)
+            };
+            if delay {
+                break;
+            }
+            match self.hypervisor.send_to_guest(VMBUS_MESSAGE_SINT, HvMessageType::VMBUS, &bytes) {
                 Ok(()) => {
                     server.pop_outgoing();
                     delivered += 1;
+                    if duplicate && self.hypervisor.send_to_guest(VMBUS_MESSAGE_SINT, HvMessageType::VMBUS, &bytes).is_ok()
+                    {
+                        self.glue.lock().faults.stats.duplicated += 1;
+                    }
                 }
                 Err(error) => {
                     if error != HvError::INSUFFICIENT_BUFFERS {
@@ -443,6 +530,18 @@ impl LoopbackBus {
         let mut glue = self.glue.lock();
         glue.stats.delivered += delivered;
         glue.stats.delivery_stalls += u64::from(stalled);
+    }
+
+    /// Injects `plan`'s faults from now on (a default plan injects none).
+    pub fn set_faults(&self, plan: FaultPlan) {
+        let mut glue = self.glue.lock();
+        // xorshift needs a non-zero state.
+        glue.faults = Faults { plan, state: plan.seed | 1, stats: FaultStats::default() };
+    }
+
+    /// What the fault injector did so far.
+    pub fn fault_stats(&self) -> FaultStats {
+        self.glue.lock().faults.stats
     }
 
     /// Registers an event port for every channel that has none, and drops those of released channels.
@@ -474,7 +573,15 @@ impl GuestSignal for LoopbackBus {
     fn signal_guest(&self, relid: u32) -> Result<(), HvError> {
         let flag = u16::try_from(relid).map_err(|_| HvError::INVALID_PARAMETER)?;
         self.hypervisor.signal_guest(VMBUS_MESSAGE_SINT, flag)?;
-        self.glue.lock().stats.guest_signals += 1;
+        let mut glue = self.glue.lock();
+        glue.stats.guest_signals += 1;
+        let drop_signal = glue.faults.plan.drop_signal;
+        if glue.faults.hit(drop_signal) {
+            // The flag stays set; only the interrupt is lost.
+            drop(glue);
+            self.hypervisor.take_interrupts(VMBUS_MESSAGE_SINT);
+            self.glue.lock().faults.stats.dropped_signals += 1;
+        }
         Ok(())
     }
 }

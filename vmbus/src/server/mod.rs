@@ -42,6 +42,6 @@ pub use control::{
     ServerStats,
 };
 pub use endpoint::{EndpointCloser, EndpointError, EndpointStats, GuestSignal, ReceivedPacket, ServerEndpoint};
-pub use loopback::LoopbackBus;
+pub use loopback::{FaultPlan, FaultStats, LoopbackBus};
 pub use mapping::{MapGpadlError, MapGpadlFlags, MappedGpadl};
 pub use status::{GpadlRefusal, ModifyRefusal, OpenRefusal};
