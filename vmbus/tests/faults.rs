@@ -48,7 +48,8 @@ fn full_sequence(bus: &'static LoopbackBus, arena: &PageArena, channels: u32) ->
         let pages = rings.pfns.len();
         let mut channel = Channel::open(&mut conn, relid, rings, 0, &[]).map_err(|e| format!("open {relid}: {e}"))?;
         let mut endpoint = bus.take_endpoint(relid).ok_or("no endpoint")?;
-        channel.send(&OutgoingPacket::in_band(1, b"up"), conn.transport(), &NoPages).map_err(|e| format!("{e}"))?;
+        let _sent =
+            channel.send(&OutgoingPacket::in_band(1, b"up"), conn.transport(), &NoPages).map_err(|e| format!("{e}"))?;
         let mut received = Vec::new();
         endpoint.receive_owned(bus, &mut received).map_err(|e| format!("{e:?}"))?;
         let _sent = endpoint.send_in_band(2, b"down", false, bus).map_err(|e| format!("{e:?}"))?;
