@@ -25,6 +25,7 @@ mod channel;
 mod config;
 mod control;
 pub mod devices;
+pub mod dm_host;
 pub mod endpoint;
 pub mod loopback;
 mod mapping;
