@@ -7,7 +7,9 @@
 //! The loopback host ([`start_loopback`]) offers the four integration services and plays Hyper-V's side of them
 //! (`vmbus::server::devices::DeviceHost`): heartbeats every second, a timesync sample from the machine's RTC, a KVP
 //! pool query, and — after `shutdown-after=N` seconds (default [`DEFAULT_LOOPBACK_SHUTDOWN_S`]; 0 = never) — a
-//! shutdown request, which the shutdown driver turns into an ACPI power-off.
+//! shutdown request, which the shutdown driver turns into an ACPI power-off. It also offers Dynamic Memory
+//! (`vmbus::server::dm_host::DmHost`): it balloons [`LOOPBACK_BALLOON_PAGES`] out of the kernel once the driver is
+//! ready and gives them back a second later.
 
 use crate::bus::{BusError, loopback};
 use crate::cmdline::Cmdline;
@@ -32,6 +34,7 @@ use vmbus::ic::timesync::{UnixTime, WindowsTime};
 use vmbus::ic::wire::ShutdownFlags;
 use vmbus::server::ServerConfig;
 use vmbus::server::devices::DeviceHost;
+use vmbus::server::dm_host::DmHost;
 
 /// Seconds after which the loopback host asks for a shutdown, unless the command line says otherwise.
 pub const DEFAULT_LOOPBACK_SHUTDOWN_S: u64 = 3;
@@ -72,9 +75,9 @@ pub fn for_host() -> Vec<Box<dyn Driver>> {
     drivers
 }
 
-/// The drivers for the loopback host (which offers no Dynamic Memory device).
+/// The drivers for the loopback host: the same as for a real host.
 pub fn for_loopback() -> Vec<Box<dyn Driver>> {
-    integration_services()
+    for_host()
 }
 
 /// The loopback host's clock: the RTC's time when the host started, carried forward by the kernel's clock.
@@ -99,10 +102,19 @@ impl HostClock for RtcClock {
 
 /// The loopback host's device models, once [`start_loopback`] made them.
 static LOOPBACK_DEVICES: spin::Once<Arc<Mutex<DeviceHost>>> = spin::Once::new();
+/// The loopback host's Dynamic Memory model.
+static LOOPBACK_BALLOON: spin::Once<Arc<Mutex<DmHost>>> = spin::Once::new();
+
+/// Pages the loopback host balloons out of the guest and later gives back (8 MiB).
+pub const LOOPBACK_BALLOON_PAGES: u32 = 2048;
 
 /// What the loopback host saw of each device (one line each), if it runs.
 pub fn loopback_host_report() -> Vec<String> {
-    LOOPBACK_DEVICES.get().map(|devices| devices.lock().summary_lines()).unwrap_or_default()
+    let mut lines = LOOPBACK_DEVICES.get().map(|devices| devices.lock().summary_lines()).unwrap_or_default();
+    if let Some(balloon) = LOOPBACK_BALLOON.get() {
+        lines.push(balloon.lock().summary());
+    }
+    lines
 }
 
 /// Starts the loopback host with the integration-service device models (see the module documentation).
@@ -125,18 +137,39 @@ pub fn start_loopback(cmdline: &Cmdline) -> Result<loopback::LoopbackKmclBus, Bu
         log::info!("loopback: the host will ask for a shutdown in {shutdown_after} s");
     }
     LOOPBACK_DEVICES.call_once(|| devices.clone());
-    let offering = devices.clone();
+    // Dynamic Memory: balloon LOOPBACK_BALLOON_PAGES out as soon as the driver is ready, give them back a second
+    // later.
+    let balloon = Arc::new(Mutex::new(DmHost::new()));
+    balloon.lock().request_balloon(LOOPBACK_BALLOON_PAGES);
+    LOOPBACK_BALLOON.call_once(|| balloon.clone());
+    let offering = (devices.clone(), balloon.clone());
     let running = devices.clone();
+    let mut unballoon_at = None;
     loopback::start(
         ServerConfig::new(),
         move |host| {
-            if let Err(e) = offering.lock().offer_integration_services(host) {
+            if let Err(e) = offering.0.lock().offer_integration_services(host) {
                 log::warn!("loopback: offering the integration services: {e}");
+            }
+            if let Err(e) = offering.1.lock().offer(host) {
+                log::warn!("loopback: offering Dynamic Memory: {e}");
             }
         },
         Some(Box::new(move |host| {
+            let now = time::now();
             if let Some(mut devices) = running.try_lock() {
-                devices.run(host, time::now());
+                devices.run(host, now);
+            }
+            if let Some(mut model) = balloon.try_lock() {
+                model.run(host);
+                if model.report().balloons_done == 1 && unballoon_at.is_none() {
+                    log::info!("loopback: the host took {} pages; gives them back in 1 s", model.held_pages());
+                    unballoon_at = Some(now + 1_000_000_000);
+                }
+                if unballoon_at.is_some_and(|at| now >= at) {
+                    unballoon_at = Some(u64::MAX);
+                    model.request_unballoon();
+                }
             }
         })),
     )

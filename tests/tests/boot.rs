@@ -38,6 +38,15 @@ fn main_job_serves_the_loopback_services_until_the_host_shuts_it_down() {
     assert!(kvp.contains("pool queries ended") && !kvp.contains(" 0 pool queries"), "{kvp}");
     assert!(log.contains("job: shutdown asks to power off"), "{log}");
     assert!(log.contains("power: ACPI S5 with SLP_TYPa"), "{log}");
+    // Dynamic Memory against the loopback host's model: 2048 frames ballooned out and given back.
+    let balloon = last("loopback host: dynamic memory").expect("no Dynamic Memory report from the loopback host");
+    assert!(balloon.contains("version 2.0"), "{balloon}");
+    assert!(
+        balloon.contains("2048 pages taken in 1 balloon(s), 2048 returned in 1 unballoon(s), 0 held, 0 errors"),
+        "{balloon}"
+    );
+    let driver = last("driver dynamic memory:").expect("no Dynamic Memory driver status");
+    assert!(driver.contains("given 2048, returned 2048"), "{driver}");
 }
 
 #[test]
