@@ -277,6 +277,9 @@ fn dynamic_memory_balloons_and_unballoons_on_qemus_host() {
             let reached_full = reached_full
                 .ok_or_else(|| rig::RunError::Step(format!("query-balloon never came back to {full} bytes")))?;
             session.wait_for_serial("balloon: stress after the balloon", Duration::from_secs(120))?;
+            // The line is still arriving when its start is seen: wait for its end (a failed stress prints another
+            // ending, which the asserts below report) before quitting.
+            let _ = session.wait_for_serial("frames zeroed and freed", Duration::from_secs(10));
             // The mode returned; end L2 here instead of running the main job after it.
             let _ = session.qmp()?.execute("quit", None, Duration::from_secs(10));
             Ok((status, reached_half, reached_full))
