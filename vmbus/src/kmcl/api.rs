@@ -271,4 +271,13 @@ pub trait Kmcl {
     /// The transaction id of an incoming packet (no Windows counterpart; for logs and device protocols that echo
     /// it).
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64>;
+
+    // ----- server channels -----
+
+    /// The server-only methods (`KMCL_SERVER_ONLY_METHODS`) when this is a server's KMCL
+    /// ([`super::server::ServerBus`]), else `None` (no Windows counterpart: a Windows driver calls them by name; here
+    /// a callback, which gets `&mut dyn Kmcl`, reaches them through this).
+    fn as_server(&mut self) -> Option<&mut dyn super::server::KmclServer> {
+        None
+    }
 }

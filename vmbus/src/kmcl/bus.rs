@@ -1,9 +1,18 @@
-//! The KMCL bus: owns the VMBus [`Connection`], the platform's [`InterruptPages`] and a [`RingAllocator`], keeps the
-//! table of KMCL channels, implements [`Kmcl`] and dispatches interrupts and control messages to the drivers'
-//! callbacks.
+//! The KMCL bus: the [`Engine`] that keeps the table of KMCL channels, implements [`Kmcl`] and dispatches
+//! interrupts and control messages to the drivers' callbacks, over one end of VMBus (a [`Backend`]). [`Bus`] is the
+//! guest's: the engine over a [`ClientBackend`], which owns the VMBus [`Connection`], the platform's
+//! [`InterruptPages`] and a [`RingAllocator`]. The host's is [`super::server::ServerBus`].
 //!
 //! Implements `kmcl-api.md` §Client interface, §Callbacks and §Lifecycle over the guest's control protocol
 //! (`hyperv-vmbus.md` §5) and rings (§6).
+//!
+//! # One engine, two ends
+//! Everything a driver sees of packets — allocation, sends with and without `WAIT_FOR_COMPLETION`, the send queue
+//! when a ring is full, completions matched by transaction id, synchronous requests, the incoming backlog,
+//! transaction quota, deferral to task context, pause and start — is the engine's and the same on both ends. A
+//! [`Backend`] supplies only what differs: the rings of an open channel in its orientation (the guest's
+//! [`Channel`], the host's [`crate::server::ServerEndpoint`]), time and waiting, and the control side (binding and
+//! opening on the guest; offering, accepting opens and rescinding on the host).
 //!
 //! # Dispatch
 //! The kernel calls [`Bus::process_interrupt`] from its VMBus interrupt with the relids whose event flags were set,
@@ -19,8 +28,8 @@
 //! other packets queued), looks at control messages, runs the idle hook ([`Bus::set_idle_hook`]) and calls
 //! [`VmbusTransport::wait`]. Time limits use [`VmbusTransport::now_ns`].
 //!
-//! # What the host may do
-//! Everything that comes from the host is checked: a completion whose transaction id matches nothing, a packet larger
+//! # What the other end may do
+//! Everything that comes from the other end (the host; for a [`super::server::ServerBus`], the guest) is checked: a completion whose transaction id matches nothing, a packet larger
 //! than the channel's maximum, a completion larger than the maximum packet size, a corrupt ring — each is counted in
 //! [`BusStats`] (and a corrupt ring stops the channel's queue); none panics.
 
@@ -39,9 +48,9 @@ use crate::channel::{Channel, ChannelError, ChannelRings, InterruptPages};
 use crate::client::{ClientError, Connection, Event, Offer, VmbusTransport};
 use crate::protocol::{Guid, OfferFlags};
 use crate::ring::{
-    IncomingPacket, OutgoingGpaRange, OutgoingKind, OutgoingPacket, PacketFlags, PacketType, RingError, RingMemory,
-    SpaceRequest,
+    OutgoingGpaRange, OutgoingKind, OutgoingPacket, PacketFlags, PacketType, RingError, RingMemory, SpaceRequest,
 };
+use crate::server::ReceivedPacket;
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -165,20 +174,104 @@ struct QueuedSend {
     notify: Option<(u32, u32)>,
 }
 
-/// An open channel's rings and what keeps their pages.
-struct OpenRings<M: RingMemory, L> {
+/// A client channel's open rings and what keeps their pages.
+pub struct OpenRings<M: RingMemory, L> {
     channel: Channel<M>,
     lease: L,
 }
 
+/// Why a ring operation of a [`Backend`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndError {
+    /// The outgoing ring has no room; `needed` bytes must be free (0 if unknown).
+    Full {
+        /// Bytes the packet needs.
+        needed: u32,
+    },
+    /// The packet is in the ring but signalling the other end failed.
+    Signal,
+    /// Anything else (a corrupt ring, a closed end), as the status the caller sees.
+    Failed(NtStatus),
+}
+
+pub(super) mod sealed {
+    /// Only this crate's buses implement [`super::Backend`].
+    pub trait Sealed {}
+}
+
+/// What one end of VMBus gives the KMCL engine ([`Engine`]): the rings of an open channel in that end's orientation,
+/// time and waiting, and the control side (binding and opening on the guest, offering and accepting opens on the
+/// host). [`ClientBackend`] is the guest's ([`Bus`]); [`super::server::ServerBackend`] the host's
+/// ([`super::server::ServerBus`]). The packet engine — packets, completions, queues, quotas, callbacks — is the
+/// [`Engine`]'s alone, so both ends behave the same. Sealed: only this crate implements it.
+pub trait Backend: Sized + sealed::Sealed {
+    /// What an open channel holds: its rings (and what keeps their memory).
+    type Open;
+    /// Per-channel settings only this end has (the server's `ServerChannelInitSet*` values).
+    type Extra: Default;
+    /// Whether channels of this end are server channels (`VmbChannelAllocate(IsServer = TRUE)`): the client-only
+    /// `InitSet*` functions and GPADL creation refuse them with `_1`.
+    const IS_SERVER: bool;
+
+    /// A monotonic clock in nanoseconds.
+    fn now_ns(&self) -> u64;
+    /// Waits until something may have happened (one step of a synchronous wait).
+    fn wait(&self);
+    /// Writes one packet to the outgoing ring, signalling the other end if the ring rules say so.
+    fn write(&self, open: &mut Self::Open, packet: &OutgoingPacket<'_>) -> core::result::Result<(), EndError>;
+    /// Drains the incoming ring, each packet copied (or the reason it could not be).
+    fn receive(
+        &self,
+        open: &mut Self::Open,
+        out: &mut Vec<core::result::Result<ReceivedPacket, RingError>>,
+    ) -> core::result::Result<(), EndError>;
+    /// Asks the other end to signal when `needed` bytes are free; true if they already are.
+    fn request_space_signal(&self, open: &mut Self::Open, needed: u32) -> bool;
+
+    /// Takes control messages (or events) without acting on them, marking channels whose peer went away at once so
+    /// waits end.
+    fn pump_control(engine: &mut Engine<Self>);
+    /// Acts on what [`Backend::pump_control`] took; runs outside any callback.
+    fn handle_events(engine: &mut Engine<Self>);
+    /// Called for each channel when the engine polls: binds an enabled client channel to a matching offer.
+    fn bind(engine: &mut Engine<Self>, channel: ChannelHandle);
+    /// `VmbChannelEnable` after the generic checks (the channel is disabled and has callbacks).
+    fn enable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()>;
+    /// `VmbChannelDisable` of a channel that is not disabled.
+    fn disable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()>;
+    /// Closes the open channel's rings (end of a teardown).
+    fn close_rings(engine: &mut Engine<Self>, channel: ChannelHandle);
+    /// Releases the GPADLs a driver left at its `closed` callback (deleted on the guest, unmapped on the host).
+    fn release_leftover_gpadls(engine: &mut Engine<Self>, channel: ChannelHandle);
+    /// Creates a GPADL (arguments checked).
+    fn create_gpadl(
+        engine: &mut Engine<Self>,
+        channel: ChannelHandle,
+        flags: GpadlFlags,
+        pfns: &[u64],
+        byte_offset: u32,
+        byte_count: u32,
+    ) -> Result<GpadlHandle>;
+    /// Deletes a GPADL the channel created.
+    fn delete_gpadl(engine: &mut Engine<Self>, channel: ChannelHandle, gpadl: GpadlHandle) -> Result<()>;
+    /// The server interface of this engine, when it is a server's ([`Kmcl::as_server`]).
+    fn as_server(engine: &mut Engine<Self>) -> Option<&mut dyn super::server::KmclServer> {
+        let _ = engine;
+        None
+    }
+}
+
 /// One KMCL channel.
-struct KmclChannel<M: RingMemory, L> {
-    state: ChannelState,
-    settings: ChannelSettings,
-    callbacks: Option<Box<dyn ChannelCallbacks>>,
+pub(super) struct KmclChannel<B: Backend> {
+    pub(super) state: ChannelState,
+    pub(super) settings: ChannelSettings,
+    pub(super) callbacks: Option<Box<dyn ChannelCallbacks>>,
     pointer: Option<Context>,
-    offer: Option<Offer>,
-    open: Option<OpenRings<M, L>>,
+    /// The offer the channel is bound to (client) or made (server).
+    pub(super) offer: Option<Offer>,
+    pub(super) open: Option<B::Open>,
+    /// What only one end keeps ([`Backend::Extra`]).
+    pub(super) extra: B::Extra,
     next_transaction_id: u64,
     outstanding: BTreeMap<u64, Waiter>,
     send_queue: VecDeque<QueuedSend>,
@@ -191,7 +284,8 @@ struct KmclChannel<M: RingMemory, L> {
     queue_stopped: bool,
     /// The incoming ring failed validation: it is not read again until the channel is reopened.
     ring_broken: bool,
-    rescinded: bool,
+    /// The other end went away (a rescind on the guest, the guest's close on the host): sends fail, waits end.
+    pub(super) rescinded: bool,
     closing: bool,
     needs_run: bool,
     /// `channel_set_incoming_processing_in_task`: deliver only from task context.
@@ -200,7 +294,7 @@ struct KmclChannel<M: RingMemory, L> {
     inline: Option<((u32, u32), bool)>,
 }
 
-impl<M: RingMemory, L> KmclChannel<M, L> {
+impl<B: Backend> KmclChannel<B> {
     fn new() -> Self {
         KmclChannel {
             state: ChannelState::Disabled,
@@ -209,6 +303,7 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
             pointer: None,
             offer: None,
             open: None,
+            extra: B::Extra::default(),
             next_transaction_id: 1,
             outstanding: BTreeMap::new(),
             send_queue: VecDeque::new(),
@@ -239,7 +334,7 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
         sizeof_packet(self.settings.maximum_packet_size) + self.settings.inline_packet_context_size
     }
 
-    fn relid(&self) -> Option<u32> {
+    pub(super) fn relid(&self) -> Option<u32> {
         self.offer.as_ref().map(|offer| offer.child_relid)
     }
 
@@ -261,17 +356,26 @@ impl<M: RingMemory, L> KmclChannel<M, L> {
     }
 }
 
-/// The KMCL bus of one VMBus connection (see the module documentation).
-pub struct Bus<T: VmbusTransport, P: InterruptPages, A: RingAllocator> {
+/// The KMCL engine over one end of VMBus: the channel table, the packet engine and the dispatch to the drivers'
+/// callbacks (see the module documentation). [`Bus`] is the guest's, [`super::server::ServerBus`] the host's.
+pub struct Engine<B: Backend> {
+    pub(super) backend: B,
+    channels: Slots<KmclChannel<B>>,
+    stats: BusStats,
+    idle_hook: Option<Box<dyn FnMut() + Send>>,
+    pub(super) depth: u32,
+    context: ExecutionContext,
+}
+
+/// The KMCL bus of one VMBus connection: the guest's [`Engine`] (see the module documentation).
+pub type Bus<T, P, A> = Engine<ClientBackend<T, P, A>>;
+
+/// The guest's end: the VMBus [`Connection`], the platform's [`InterruptPages`] and a [`RingAllocator`].
+pub struct ClientBackend<T: VmbusTransport, P: InterruptPages, A: RingAllocator> {
     connection: Connection<T>,
     pages: P,
     allocator: A,
-    channels: Slots<KmclChannel<A::Memory, A::Lease>>,
-    stats: BusStats,
-    idle_hook: Option<Box<dyn FnMut() + Send>>,
     pending_events: VecDeque<Event>,
-    depth: u32,
-    context: ExecutionContext,
 }
 
 /// Where the bus was entered from: the unikernel's counterpart of IRQL (DISPATCH_LEVEL vs PASSIVE_LEVEL).
@@ -306,25 +410,22 @@ fn channel_status(error: &ChannelError) -> NtStatus {
     }
 }
 
-/// Copies one packet out of the ring.
-fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
-    let mut payload = vec![0u8; packet.payload_len()];
-    if packet.read_payload(&mut payload).is_err() {
-        return Copied::Dropped;
-    }
-    let transaction_id = packet.transaction_id();
-    match packet.packet_type() {
-        PacketType::COMPLETION => Copied::Completion { transaction_id, payload },
+/// Sorts one packet copied out of a ring (by either end, [`Backend::receive`]).
+fn sort_packet(packet: core::result::Result<ReceivedPacket, RingError>) -> Copied {
+    let Ok(packet) = packet else { return Copied::Dropped };
+    let transaction_id = packet.transaction_id;
+    let completion_requested = packet.completion_requested;
+    match packet.packet_type {
+        PacketType::COMPLETION => Copied::Completion { transaction_id, payload: packet.payload },
         PacketType::DATA_IN_BAND | PacketType::DATA_USING_TRANSFER_PAGES => Copied::Data(Received {
             task_only: false,
             transaction_id,
-            completion_requested: packet.completion_requested(),
-            payload,
+            completion_requested,
+            payload: packet.payload,
             external: Vec::new(),
         }),
         PacketType::DATA_USING_GPA_DIRECT => {
-            let mut scratch = vec![0u8; packet.header_extension_len()];
-            let Ok(ranges) = packet.gpa_direct(&mut scratch) else {
+            let Ok(ranges) = packet.gpa_direct() else {
                 return Copied::Dropped;
             };
             let external = ranges
@@ -338,8 +439,8 @@ fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
             Copied::Data(Received {
                 task_only: false,
                 transaction_id,
-                completion_requested: packet.completion_requested(),
-                payload,
+                completion_requested,
+                payload: packet.payload,
                 external,
             })
         }
@@ -347,18 +448,17 @@ fn copy_packet<M: RingMemory>(packet: &IncomingPacket<'_, M>) -> Copied {
     }
 }
 
-/// Writes one packet into an open channel's outgoing ring.
+/// Writes one packet into an open channel's outgoing ring through its backend.
 #[allow(clippy::too_many_arguments)]
-fn write_packet<M: RingMemory, T: VmbusTransport, P: InterruptPages>(
-    channel: &mut Channel<M>,
-    connection: &Connection<T>,
-    pages: &P,
+fn write_packet<B: Backend>(
+    backend: &B,
+    open: &mut B::Open,
     transaction_id: u64,
     payload: &[u8],
     external: &[ExternalRange],
     completion_requested: bool,
     is_completion: bool,
-) -> core::result::Result<(), ChannelError> {
+) -> core::result::Result<(), EndError> {
     let ranges: Vec<OutgoingGpaRange<'_>> = external
         .iter()
         .map(|r| OutgoingGpaRange { byte_count: r.byte_count, byte_offset: r.byte_offset, pfns: &r.pfns })
@@ -372,7 +472,7 @@ fn write_packet<M: RingMemory, T: VmbusTransport, P: InterruptPages>(
     };
     let flags = if completion_requested { PacketFlags::COMPLETION_REQUESTED } else { PacketFlags::NONE };
     let packet = OutgoingPacket { kind, flags, transaction_id, payload };
-    channel.send(&packet, connection.transport(), pages).map(|_| ())
+    backend.write(open, &packet)
 }
 
 /// What an attempt to write now gave.
@@ -385,37 +485,41 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// A bus over a connected `connection` (whose offers were requested: channels bind to the offers it knows and to
     /// those that arrive later), the platform's interrupt pages and a ring allocator.
     pub fn new(connection: Connection<T>, pages: P, allocator: A) -> Self {
-        Bus {
-            connection,
-            pages,
-            allocator,
-            channels: Slots::new(),
-            stats: BusStats::default(),
-            idle_hook: None,
-            pending_events: VecDeque::new(),
-            depth: 0,
-            context: ExecutionContext::Task,
-        }
+        Engine::with_backend(ClientBackend { connection, pages, allocator, pending_events: VecDeque::new() })
     }
 
     /// The VMBus connection.
     pub fn connection(&self) -> &Connection<T> {
-        &self.connection
+        &self.backend.connection
     }
 
     /// The VMBus connection, mutably (for requests outside KMCL, such as unload).
     pub fn connection_mut(&mut self) -> &mut Connection<T> {
-        &mut self.connection
+        &mut self.backend.connection
     }
 
     /// The platform's interrupt pages.
     pub fn pages(&self) -> &P {
-        &self.pages
+        &self.backend.pages
     }
 
     /// The ring allocator.
     pub fn allocator(&self) -> &A {
-        &self.allocator
+        &self.backend.allocator
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine over `backend`, with no channels.
+    pub(super) fn with_backend(backend: B) -> Self {
+        Engine {
+            backend,
+            channels: Slots::new(),
+            stats: BusStats::default(),
+            idle_hook: None,
+            depth: 0,
+            context: ExecutionContext::Task,
+        }
     }
 
     /// What the bus counted.
@@ -444,11 +548,11 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     pub fn poll(&mut self) -> u64 {
         let before = self.stats.delivered;
         let outer = core::mem::replace(&mut self.context, ExecutionContext::Task);
-        self.pump_control();
+        B::pump_control(self);
         if self.depth == 0 {
-            self.handle_events();
+            B::handle_events(self);
             for (index, generation) in self.channels.keys() {
-                self.try_bind(ChannelHandle { index, generation });
+                B::bind(self, ChannelHandle { index, generation });
             }
         }
         for (index, generation) in self.channels.keys() {
@@ -469,9 +573,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
                 self.run_channel(channel);
             }
         }
-        self.pump_control();
+        B::pump_control(self);
         if self.depth == 0 {
-            self.handle_events();
+            B::handle_events(self);
         }
         self.run_pending();
         self.context = outer;
@@ -483,7 +587,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         self.context
     }
 
-    fn find_relid(&self, relid: u32) -> Option<ChannelHandle> {
+    pub(super) fn find_relid(&self, relid: u32) -> Option<ChannelHandle> {
         self.channels.keys().into_iter().map(|(index, generation)| ChannelHandle { index, generation }).find(|handle| {
             self.channels
                 .get(handle.index, handle.generation)
@@ -491,25 +595,58 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         })
     }
 
-    fn chan(&self, channel: ChannelHandle) -> Result<&KmclChannel<A::Memory, A::Lease>> {
+    pub(super) fn chan(&self, channel: ChannelHandle) -> Result<&KmclChannel<B>> {
         self.channels.get(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)
     }
 
-    fn chan_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<A::Memory, A::Lease>> {
+    pub(super) fn chan_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<B>> {
         self.channels.get_mut(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)
     }
 
     /// The channel, if it is disabled (the only state the `InitSet*` functions accept).
-    fn disabled_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<A::Memory, A::Lease>> {
+    pub(super) fn disabled_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<B>> {
         let c = self.chan_mut(channel)?;
         // A closed channel (rescinded, or its open rolled back) has no rings left and counts as disabled.
         let disabled = c.state == ChannelState::Disabled || (c.state == ChannelState::Closed && c.open.is_none());
         if disabled { Ok(c) } else { Err(NtStatus::INVALID_PARAMETER_1) }
     }
 
+    /// The channel whose offer has this relid, open or not.
+    pub(super) fn find_offered(&self, relid: u32) -> Option<ChannelHandle> {
+        self.channels
+            .keys()
+            .into_iter()
+            .map(|(index, generation)| ChannelHandle { index, generation })
+            .find(|handle| self.channels.get(handle.index, handle.generation).is_some_and(|c| c.relid() == Some(relid)))
+    }
+
+    /// Runs the idle hook (one step of a wait with nothing to do).
+    pub(super) fn run_idle_hook(&mut self) {
+        if let Some(hook) = self.idle_hook.as_mut() {
+            hook();
+        }
+    }
+
+    /// The counters, to add to.
+    pub(super) fn stats_mut(&mut self) -> &mut BusStats {
+        &mut self.stats
+    }
+
+    /// The channel, for a function only client channels take: `_1` for a server channel.
+    fn client_chan(&self, channel: ChannelHandle) -> Result<&KmclChannel<B>> {
+        let c = self.chan(channel)?;
+        if B::IS_SERVER { Err(NtStatus::INVALID_PARAMETER_1) } else { Ok(c) }
+    }
+
+    /// The channel, if it is a disabled client channel: `_1` otherwise (a server channel included).
+    fn client_disabled_mut(&mut self, channel: ChannelHandle) -> Result<&mut KmclChannel<B>> {
+        self.client_chan(channel)?;
+        self.disabled_mut(channel)
+    }
+
     /// Calls one of the channel's callbacks with the bus as its [`Kmcl`]; `None` when the channel has no callbacks
     /// or one of them is already running.
-    fn call<R>(
+    pub(super) fn call<R>(
         &mut self,
         channel: ChannelHandle,
         f: impl FnOnce(&mut dyn ChannelCallbacks, &mut dyn Kmcl) -> R,
@@ -524,102 +661,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         Some(result)
     }
 
-    /// Takes the host's control messages; marks rescinded channels at once (so waits end) and keeps the events for
-    /// [`Self::handle_events`].
-    fn pump_control(&mut self) {
-        while let Some(event) = self.connection.poll() {
-            if let Event::Rescinded(relid) = event
-                && let Some(channel) = self.find_relid(relid)
-                && let Ok(c) = self.chan_mut(channel)
-            {
-                c.rescinded = true;
-            }
-            self.pending_events.push_back(event);
-        }
-    }
-
-    /// Acts on control events (outside any callback).
-    fn handle_events(&mut self) {
-        while let Some(event) = self.pending_events.pop_front() {
-            match event {
-                Event::Offered(_) => {
-                    for (index, generation) in self.channels.keys() {
-                        self.try_bind(ChannelHandle { index, generation });
-                    }
-                }
-                Event::Rescinded(relid) => {
-                    if let Some(channel) = self.find_relid(relid) {
-                        let was_active = self.chan(channel).is_ok_and(|c| c.state == ChannelState::Active);
-                        self.teardown(channel, was_active, ChannelState::Closed);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Binds an enabled channel to a matching free offer and runs the open sequence.
-    fn try_bind(&mut self, channel: ChannelHandle) {
-        let Ok(c) = self.chan(channel) else { return };
-        if c.state != ChannelState::Enabled {
-            return;
-        }
-        let Some(target) = c.settings.target else { return };
-        let pipe = c.settings.flags.contains(ChannelInitFlags::IS_PIPE);
-        let (outgoing_pages, incoming_pages) = c.settings.ring_page_counts();
-        let target_vp = c.settings.target_vp;
-        let claimed: Vec<u32> =
-            self.channels.keys().iter().filter_map(|&(i, g)| self.channels.get(i, g)?.relid()).collect();
-        let offer = self
-            .connection
-            .offers()
-            .find(|o| {
-                target.matches(&o.interface_type, &o.interface_instance)
-                    && !claimed.contains(&o.child_relid)
-                    && o.sub_channel_index == 0
-                    && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
-            })
-            .cloned();
-        let Some(offer) = offer else { return };
-        let relid = offer.child_relid;
-        let (rings, lease) = match self.allocator.allocate(outgoing_pages, incoming_pages) {
-            Ok(allocated) => allocated,
-            Err(status) => return self.fail_open(channel, status),
-        };
-        let open = match Channel::open(&mut self.connection, relid, rings, target_vp, &[]) {
-            Ok(open) => open,
-            Err(error) => {
-                // Channel::open tears its GPADL down on failure; only then are the pages surely the guest's again.
-                let released = matches!(
-                    error,
-                    ChannelError::RingLayout | ChannelError::Client(ClientError::GpadlCreationFailed(_))
-                );
-                self.allocator.release(lease, released);
-                return self.fail_open(channel, channel_status(&error));
-            }
-        };
-        let name = match self.chan_mut(channel) {
-            Ok(c) => {
-                c.open = Some(OpenRings { channel: open, lease });
-                c.offer = Some(offer);
-                c.state = ChannelState::Opened;
-                c.settings.friendly_name.clone()
-            }
-            Err(_) => return,
-        };
-        log::debug!("kmcl: channel {channel:?} '{name}' bound to relid {relid}");
-        if let Some(Err(status)) = self.call(channel, |cb, kmcl| cb.opened(kmcl, channel)) {
-            log::warn!("kmcl: channel {channel:?} '{name}' refused to open: {status}");
-            self.delete_leftover_gpadls(channel);
-            self.close_rings(channel);
-            if let Ok(c) = self.chan_mut(channel) {
-                c.state = ChannelState::Closed;
-            }
-            return;
-        }
-        self.start_sequence(channel);
-    }
-
-    fn fail_open(&mut self, channel: ChannelHandle, status: NtStatus) {
+    pub(super) fn fail_open(&mut self, channel: ChannelHandle, status: NtStatus) {
         if let Ok(c) = self.chan_mut(channel) {
             c.state = ChannelState::Closed;
         }
@@ -628,7 +670,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     }
 
     /// Started → the queue runs → PostStarted → the queue runs again (packets that came during PostStarted).
-    fn start_sequence(&mut self, channel: ChannelHandle) {
+    pub(super) fn start_sequence(&mut self, channel: ChannelHandle) {
         if let Ok(c) = self.chan_mut(channel) {
             c.state = ChannelState::Active;
         }
@@ -638,48 +680,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         self.run_channel(channel);
     }
 
-    /// Deletes the GPADLs a driver left on a closing channel (counted in [`BusStats::leaked_gpadls`]).
-    fn delete_leftover_gpadls(&mut self, channel: ChannelHandle) {
-        let Ok(c) = self.chan_mut(channel) else { return };
-        let leftover = core::mem::take(&mut c.gpadls);
-        let relid = c.relid();
-        for (id, _) in leftover {
-            self.stats.leaked_gpadls += 1;
-            log::warn!("kmcl: {channel:?} left GPADL {id:#x} open at close; deleting it");
-            if let Some(relid) = relid
-                && let Err(error) = self.connection.teardown_gpadl(relid, crate::client::GpadlId(id))
-            {
-                log::warn!("kmcl: deleting GPADL {id:#x}: {error}");
-            }
-        }
-    }
-
-    /// Closes the VMBus channel and gives the ring pages back.
-    fn close_rings(&mut self, channel: ChannelHandle) {
-        let Ok(c) = self.chan_mut(channel) else { return };
-        let rescinded = c.rescinded;
-        let relid = c.relid();
-        let Some(open) = c.open.take() else { return };
-        let closed = open.channel.close(&mut self.connection);
-        if let Err(error) = &closed {
-            log::warn!("kmcl: closing {channel:?}: {error}");
-        }
-        self.allocator.release(open.lease, closed.is_ok());
-        if rescinded
-            && let Some(relid) = relid
-            && let Err(error) = self.connection.release_channel(relid)
-        {
-            log::warn!("kmcl: releasing rescinded relid {relid}: {error}");
-        }
-        if let Ok(c) = self.chan_mut(channel) {
-            c.offer = None;
-            c.rescinded = false;
-        }
-    }
-
     /// Suspend (if `suspend`) → sends cancelled → Closed → leftover GPADLs deleted → CLOSECHANNEL and ring teardown
     /// → `final_state`.
-    fn teardown(&mut self, channel: ChannelHandle, suspend: bool, final_state: ChannelState) {
+    pub(super) fn teardown(&mut self, channel: ChannelHandle, suspend: bool, final_state: ChannelState) {
         if suspend {
             self.call(channel, |cb, kmcl| cb.suspend(kmcl, channel));
         }
@@ -700,8 +703,8 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             }
         }
         self.call(channel, |cb, kmcl| cb.closed(kmcl, channel));
-        self.delete_leftover_gpadls(channel);
-        self.close_rings(channel);
+        B::release_leftover_gpadls(self, channel);
+        B::close_rings(self, channel);
         if let Ok(c) = self.chan_mut(channel) {
             c.closing = false;
             c.queue_stopped = false;
@@ -726,7 +729,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
 
     /// Runs a channel's queues: pending sends, the incoming ring, delivery; `processing_complete` when the ring was
     /// emptied after deliveries.
-    fn run_channel(&mut self, channel: ChannelHandle) {
+    pub(super) fn run_channel(&mut self, channel: ChannelHandle) {
         let mut delivered = 0u32;
         loop {
             let Ok(c) = self.chan_mut(channel) else { return };
@@ -754,7 +757,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     }
 
     /// Runs the channels whose queues were restarted from inside a callback.
-    fn run_pending(&mut self) {
+    pub(super) fn run_pending(&mut self) {
         if self.depth != 0 {
             return;
         }
@@ -778,29 +781,27 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// Drains the channel's incoming ring (unless its backlog is full): completions are matched at once, data packets
     /// join the backlog. Returns the packets read.
     fn read_ring(&mut self, channel: ChannelHandle) -> usize {
-        let Bus { connection, pages, channels, stats, .. } = self;
+        let Engine { backend, channels, stats, .. } = self;
         let Some(c) = channels.get_mut(channel.index, channel.generation) else { return 0 };
         if c.backlog.len() >= BACKLOG_LIMIT || c.ring_broken {
             return 0;
         }
         let Some(open) = c.open.as_mut() else { return 0 };
         let mut copied = Vec::new();
-        if let Err(error) =
-            open.channel.receive(connection.transport(), pages, |packet| copied.push(copy_packet(packet)))
-        {
+        if let Err(error) = backend.receive(open, &mut copied) {
             match error {
-                ChannelError::Signal(_) => stats.signal_errors += 1,
+                EndError::Signal => stats.signal_errors += 1,
                 _ => {
                     stats.ring_errors += 1;
                     c.ring_broken = true;
                     c.queue_stopped = true;
-                    log::warn!("kmcl: {channel:?}: incoming ring failed ({error}); its queue is stopped");
+                    log::warn!("kmcl: {channel:?}: incoming ring failed ({error:?}); its queue is stopped");
                 }
             }
         }
         let count = copied.len();
         for packet in copied {
-            self.take_packet(channel, packet);
+            self.take_packet(channel, sort_packet(packet));
         }
         count
     }
@@ -858,7 +859,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         let packet = PacketCompletion { channel, index, generation };
         let payload = received.payload;
         self.call(channel, |cb, kmcl| cb.process_packet(kmcl, channel, packet, &payload, flags));
-        let Bus { channels, stats, .. } = &mut *self;
+        let Engine { channels, stats, .. } = &mut *self;
         let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
         if let Some((_, true)) = c.inline.take()
             && let Some(record) = c.incoming.remove(index, generation)
@@ -877,7 +878,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
 
     /// Runs a sent packet's completion routine (or frees a pool packet with the default routine).
     fn complete_sent(&mut self, channel: ChannelHandle, index: u32, generation: u32, status: NtStatus, payload: &[u8]) {
-        let Bus { channels, stats, .. } = &mut *self;
+        let Engine { channels, stats, .. } = &mut *self;
         let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
         let capacity = c.settings.maximum_packet_size as usize;
         let Some(packet) = c.packets.get_mut(index, generation) else { return };
@@ -943,51 +944,42 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         is_completion: bool,
     ) -> Result<Written> {
         self.flush_send_queue(channel);
-        let Bus { connection, pages, channels, stats, .. } = self;
+        let Engine { backend, channels, stats, .. } = self;
         let c = channels.get_mut(channel.index, channel.generation).ok_or(NtStatus::INVALID_PARAMETER_1)?;
         if !c.send_queue.is_empty() {
             return Ok(Written::Full { needed: 0 });
         }
         let open = c.open.as_mut().ok_or(NtStatus::DEVICE_REMOVED)?;
-        match write_packet(
-            &mut open.channel,
-            connection,
-            pages,
-            transaction_id,
-            payload,
-            external,
-            completion_requested,
-            is_completion,
-        ) {
+        match write_packet(backend, open, transaction_id, payload, external, completion_requested, is_completion) {
             Ok(()) => Ok(Written::Now),
-            Err(ChannelError::Signal(_)) => {
+            Err(EndError::Signal) => {
                 stats.signal_errors += 1;
                 Ok(Written::Now)
             }
-            Err(ChannelError::Ring(RingError::Full { needed, .. })) => Ok(Written::Full { needed }),
-            Err(error) => Err(channel_status(&error)),
+            Err(EndError::Full { needed }) => Ok(Written::Full { needed }),
+            Err(EndError::Failed(status)) => Err(status),
         }
     }
 
     /// Asks the host to signal when `needed` bytes are free; true if they already are.
     fn arm_space_signal(&mut self, channel: ChannelHandle, needed: u32) -> bool {
-        let Ok(c) = self.chan_mut(channel) else { return false };
+        let Engine { backend, channels, .. } = self;
+        let Some(c) = channels.get_mut(channel.index, channel.generation) else { return false };
         let Some(open) = c.open.as_mut() else { return false };
-        matches!(open.channel.request_space_signal(needed), Ok(SpaceRequest::Available))
+        backend.request_space_signal(open, needed)
     }
 
     /// Writes queued packets while they fit; runs the routines of those that only waited for the ring.
     fn flush_send_queue(&mut self, channel: ChannelHandle) {
         let mut placed = Vec::new();
         loop {
-            let Bus { connection, pages, channels, stats, .. } = &mut *self;
+            let Engine { backend, channels, stats, .. } = &mut *self;
             let Some(c) = channels.get_mut(channel.index, channel.generation) else { return };
             let Some(open) = c.open.as_mut() else { break };
             let Some(front) = c.send_queue.front() else { break };
             let result = write_packet(
-                &mut open.channel,
-                connection,
-                pages,
+                &*backend,
+                open,
                 front.transaction_id,
                 &front.payload,
                 &front.external,
@@ -995,7 +987,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
                 front.is_completion,
             );
             match result {
-                Ok(()) | Err(ChannelError::Signal(_)) => {
+                Ok(()) | Err(EndError::Signal) => {
                     if result.is_err() {
                         stats.signal_errors += 1;
                     }
@@ -1005,12 +997,12 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
                         placed.push((notify, NtStatus::SUCCESS));
                     }
                 }
-                Err(ChannelError::Ring(RingError::Full { needed, .. })) => {
+                Err(EndError::Full { needed }) => {
                     if !self.arm_space_signal(channel, needed) {
                         break;
                     }
                 }
-                Err(error) => {
+                Err(EndError::Failed(error)) => {
                     stats.ring_errors += 1;
                     log::warn!("kmcl: {channel:?}: a queued packet could not be written: {error}");
                     if let Some(send) = c.send_queue.pop_front()
@@ -1064,8 +1056,8 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
 
     /// One step of a synchronous wait: control messages, the channel's ring, else the idle hook and a transport
     /// wait. [`NtStatus::DEVICE_REMOVED`] once the channel is going away, [`NtStatus::CANCELLED`] past `deadline`.
-    fn wait_step(&mut self, channel: ChannelHandle, deadline: Option<u64>) -> Result<()> {
-        self.pump_control();
+    pub(super) fn wait_step(&mut self, channel: ChannelHandle, deadline: Option<u64>) -> Result<()> {
+        B::pump_control(self);
         let c = self.chan(channel).map_err(|_| NtStatus::DEVICE_REMOVED)?;
         if c.removed() || c.open.is_none() || c.ring_broken {
             return Err(NtStatus::DEVICE_REMOVED);
@@ -1073,13 +1065,13 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
         if self.read_ring(channel) > 0 {
             return Ok(());
         }
-        if deadline.is_some_and(|d| self.connection.transport().now_ns() >= d) {
+        if deadline.is_some_and(|d| self.backend.now_ns() >= d) {
             return Err(NtStatus::CANCELLED);
         }
         if let Some(hook) = self.idle_hook.as_mut() {
             hook();
         }
-        self.connection.transport().wait();
+        self.backend.wait();
         Ok(())
     }
 
@@ -1112,17 +1104,196 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             c.needs_run = true;
         }
     }
+}
+
+impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> sealed::Sealed for ClientBackend<T, P, A> {}
+
+impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientBackend<T, P, A> {
+    type Open = OpenRings<A::Memory, A::Lease>;
+    type Extra = ();
+    const IS_SERVER: bool = false;
+
+    fn now_ns(&self) -> u64 {
+        self.connection.transport().now_ns()
+    }
+
+    fn wait(&self) {
+        self.connection.transport().wait();
+    }
+
+    fn write(&self, open: &mut Self::Open, packet: &OutgoingPacket<'_>) -> core::result::Result<(), EndError> {
+        match open.channel.send(packet, self.connection.transport(), &self.pages) {
+            Ok(_) => Ok(()),
+            Err(ChannelError::Signal(_)) => Err(EndError::Signal),
+            Err(ChannelError::Ring(RingError::Full { needed, .. })) => Err(EndError::Full { needed }),
+            Err(error) => Err(EndError::Failed(channel_status(&error))),
+        }
+    }
+
+    fn receive(
+        &self,
+        open: &mut Self::Open,
+        out: &mut Vec<core::result::Result<ReceivedPacket, RingError>>,
+    ) -> core::result::Result<(), EndError> {
+        match open
+            .channel
+            .receive(self.connection.transport(), &self.pages, |packet| out.push(ReceivedPacket::copy_of(packet)))
+        {
+            Ok(_) => Ok(()),
+            Err(ChannelError::Signal(_)) => Err(EndError::Signal),
+            Err(error) => Err(EndError::Failed(channel_status(&error))),
+        }
+    }
+
+    fn request_space_signal(&self, open: &mut Self::Open, needed: u32) -> bool {
+        matches!(open.channel.request_space_signal(needed), Ok(SpaceRequest::Available))
+    }
+
+    /// Takes the host's control messages; marks rescinded channels at once (so waits end) and keeps the events for
+    /// [`Self::handle_events`].
+    fn pump_control(engine: &mut Engine<Self>) {
+        while let Some(event) = engine.backend.connection.poll() {
+            if let Event::Rescinded(relid) = event
+                && let Some(channel) = engine.find_relid(relid)
+                && let Ok(c) = engine.chan_mut(channel)
+            {
+                c.rescinded = true;
+            }
+            engine.backend.pending_events.push_back(event);
+        }
+    }
+
+    /// Acts on control events (outside any callback).
+    fn handle_events(engine: &mut Engine<Self>) {
+        while let Some(event) = engine.backend.pending_events.pop_front() {
+            match event {
+                Event::Offered(_) => {
+                    for (index, generation) in engine.channels.keys() {
+                        Self::bind(engine, ChannelHandle { index, generation });
+                    }
+                }
+                Event::Rescinded(relid) => {
+                    if let Some(channel) = engine.find_relid(relid) {
+                        let was_active = engine.chan(channel).is_ok_and(|c| c.state == ChannelState::Active);
+                        engine.teardown(channel, was_active, ChannelState::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Binds an enabled channel to a matching free offer and runs the open sequence.
+    fn bind(engine: &mut Engine<Self>, channel: ChannelHandle) {
+        let Ok(c) = engine.chan(channel) else { return };
+        if c.state != ChannelState::Enabled {
+            return;
+        }
+        let Some(target) = c.settings.target else { return };
+        let pipe = c.settings.flags.contains(ChannelInitFlags::IS_PIPE);
+        let (outgoing_pages, incoming_pages) = c.settings.ring_page_counts();
+        let target_vp = c.settings.target_vp;
+        let claimed: Vec<u32> =
+            engine.channels.keys().iter().filter_map(|&(i, g)| engine.channels.get(i, g)?.relid()).collect();
+        let offer = engine
+            .backend
+            .connection
+            .offers()
+            .find(|o| {
+                target.matches(&o.interface_type, &o.interface_instance)
+                    && !claimed.contains(&o.child_relid)
+                    && o.sub_channel_index == 0
+                    && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
+            })
+            .cloned();
+        let Some(offer) = offer else { return };
+        let relid = offer.child_relid;
+        let (rings, lease) = match engine.backend.allocator.allocate(outgoing_pages, incoming_pages) {
+            Ok(allocated) => allocated,
+            Err(status) => return engine.fail_open(channel, status),
+        };
+        let open = match Channel::open(&mut engine.backend.connection, relid, rings, target_vp, &[]) {
+            Ok(open) => open,
+            Err(error) => {
+                // Channel::open tears its GPADL down on failure; only then are the pages surely the guest's again.
+                let released = matches!(
+                    error,
+                    ChannelError::RingLayout | ChannelError::Client(ClientError::GpadlCreationFailed(_))
+                );
+                engine.backend.allocator.release(lease, released);
+                return engine.fail_open(channel, channel_status(&error));
+            }
+        };
+        let name = match engine.chan_mut(channel) {
+            Ok(c) => {
+                c.open = Some(OpenRings { channel: open, lease });
+                c.offer = Some(offer);
+                c.state = ChannelState::Opened;
+                c.settings.friendly_name.clone()
+            }
+            Err(_) => return,
+        };
+        log::debug!("kmcl: channel {channel:?} '{name}' bound to relid {relid}");
+        if let Some(Err(status)) = engine.call(channel, |cb, kmcl| cb.opened(kmcl, channel)) {
+            log::warn!("kmcl: channel {channel:?} '{name}' refused to open: {status}");
+            Self::release_leftover_gpadls(engine, channel);
+            Self::close_rings(engine, channel);
+            if let Ok(c) = engine.chan_mut(channel) {
+                c.state = ChannelState::Closed;
+            }
+            return;
+        }
+        engine.start_sequence(channel);
+    }
+
+    /// Deletes the GPADLs a driver left on a closing channel (counted in [`BusStats::leaked_gpadls`]).
+    fn release_leftover_gpadls(engine: &mut Engine<Self>, channel: ChannelHandle) {
+        let Ok(c) = engine.chan_mut(channel) else { return };
+        let leftover = core::mem::take(&mut c.gpadls);
+        let relid = c.relid();
+        for (id, _) in leftover {
+            engine.stats.leaked_gpadls += 1;
+            log::warn!("kmcl: {channel:?} left GPADL {id:#x} open at close; deleting it");
+            if let Some(relid) = relid
+                && let Err(error) = engine.backend.connection.teardown_gpadl(relid, crate::client::GpadlId(id))
+            {
+                log::warn!("kmcl: deleting GPADL {id:#x}: {error}");
+            }
+        }
+    }
+
+    /// Closes the VMBus channel and gives the ring pages back.
+    fn close_rings(engine: &mut Engine<Self>, channel: ChannelHandle) {
+        let Ok(c) = engine.chan_mut(channel) else { return };
+        let rescinded = c.rescinded;
+        let relid = c.relid();
+        let Some(open) = c.open.take() else { return };
+        let closed = open.channel.close(&mut engine.backend.connection);
+        if let Err(error) = &closed {
+            log::warn!("kmcl: closing {channel:?}: {error}");
+        }
+        engine.backend.allocator.release(open.lease, closed.is_ok());
+        if rescinded
+            && let Some(relid) = relid
+            && let Err(error) = engine.backend.connection.release_channel(relid)
+        {
+            log::warn!("kmcl: releasing rescinded relid {relid}: {error}");
+        }
+        if let Ok(c) = engine.chan_mut(channel) {
+            c.offer = None;
+            c.rescinded = false;
+        }
+    }
 
     /// Creates a GPADL after the arguments were checked.
     fn create_gpadl(
-        &mut self,
+        engine: &mut Engine<Self>,
         channel: ChannelHandle,
         flags: GpadlFlags,
         pfns: &[u64],
         byte_offset: u32,
         byte_count: u32,
     ) -> Result<GpadlHandle> {
-        let c = self.chan(channel)?;
+        let c = engine.chan(channel)?;
         if c.removed() {
             return Err(NtStatus::DEVICE_REMOVED);
         }
@@ -1130,9 +1301,54 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
             (Some(_), Some(relid)) => relid,
             _ => return Err(NtStatus::INVALID_PARAMETER_1),
         };
-        let id = self.connection.create_gpadl(relid, pfns, byte_offset, byte_count).map_err(|e| client_status(&e))?;
-        self.chan_mut(channel)?.gpadls.push((id.0, flags));
+        let id = engine
+            .backend
+            .connection
+            .create_gpadl(relid, pfns, byte_offset, byte_count)
+            .map_err(|e| client_status(&e))?;
+        engine.chan_mut(channel)?.gpadls.push((id.0, flags));
         Ok(GpadlHandle { channel, id: id.0 })
+    }
+
+    fn enable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()> {
+        let c = engine.chan_mut(channel)?;
+        if c.settings.target.is_none() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        c.state = ChannelState::Enabled;
+        c.queue_stopped = false;
+        Self::bind(engine, channel);
+        engine.run_pending();
+        Ok(())
+    }
+
+    fn disable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()> {
+        let c = engine.chan_mut(channel)?;
+        match c.state {
+            ChannelState::Disabled => Ok(()),
+            ChannelState::Enabled | ChannelState::Closed if c.open.is_none() => {
+                c.state = ChannelState::Disabled;
+                Ok(())
+            }
+            _ if c.callbacks.is_none() => Err(NtStatus::INVALID_DEVICE_STATE),
+            state => {
+                engine.teardown(channel, state == ChannelState::Active, ChannelState::Disabled);
+                Ok(())
+            }
+        }
+    }
+
+    fn delete_gpadl(engine: &mut Engine<Self>, channel: ChannelHandle, gpadl: GpadlHandle) -> Result<()> {
+        let c = engine.chan(channel)?;
+        if gpadl.channel != channel || !c.gpadls.iter().any(|(id, _)| *id == gpadl.id) {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        let relid = c.relid().ok_or(NtStatus::INVALID_PARAMETER_2)?;
+        let result = engine.backend.connection.teardown_gpadl(relid, crate::client::GpadlId(gpadl.id));
+        if let Ok(c) = engine.chan_mut(channel) {
+            c.gpadls.retain(|(id, _)| *id != gpadl.id);
+        }
+        result.map_err(|e| client_status(&e))
     }
 }
 
@@ -1155,7 +1371,7 @@ fn check_gpadl_arguments(flags: GpadlFlags, pfns: &[u64], byte_offset: u32, byte
     Ok(())
 }
 
-impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, A> {
+impl<B: Backend> Kmcl for Engine<B> {
     fn channel_allocate(&mut self) -> Result<ChannelHandle> {
         let (index, generation) = self.channels.insert(KmclChannel::new()).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
         Ok(ChannelHandle { index, generation })
@@ -1169,30 +1385,17 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
 
     fn channel_enable(&mut self, channel: ChannelHandle) -> Result<()> {
         let c = self.disabled_mut(channel)?;
-        if c.callbacks.is_none() || c.settings.target.is_none() {
+        if c.callbacks.is_none() {
             return Err(NtStatus::INVALID_PARAMETER_1);
         }
-        c.state = ChannelState::Enabled;
-        c.queue_stopped = false;
-        self.try_bind(channel);
-        self.run_pending();
-        Ok(())
+        B::enable(self, channel)
     }
 
     fn channel_disable(&mut self, channel: ChannelHandle) -> Result<()> {
-        let c = self.chan_mut(channel)?;
-        match c.state {
-            ChannelState::Disabled => Ok(()),
-            ChannelState::Enabled | ChannelState::Closed if c.open.is_none() => {
-                c.state = ChannelState::Disabled;
-                Ok(())
-            }
-            _ if c.callbacks.is_none() => Err(NtStatus::INVALID_DEVICE_STATE),
-            state => {
-                self.teardown(channel, state == ChannelState::Active, ChannelState::Disabled);
-                Ok(())
-            }
+        if self.chan(channel)?.state == ChannelState::Disabled {
+            return Ok(());
         }
+        B::disable(self, channel)
     }
 
     fn channel_pause(&mut self, channel: ChannelHandle) -> Result<()> {
@@ -1293,7 +1496,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         incoming_pages: u32,
         outgoing_pages: u32,
     ) -> Result<()> {
-        let c = self.disabled_mut(channel)?;
+        let c = self.client_disabled_mut(channel)?;
         let valid = |pages: u32| (2..=MAX_RING_PAGES).contains(&pages);
         if !valid(incoming_pages) {
             return Err(NtStatus::INVALID_PARAMETER_2);
@@ -1311,7 +1514,8 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         interface_type: Guid,
         interface_instance: Option<Guid>,
     ) -> Result<()> {
-        self.disabled_mut(channel)?.settings.target = Some(TargetInterface { interface_type, interface_instance });
+        self.client_disabled_mut(channel)?.settings.target =
+            Some(TargetInterface { interface_type, interface_instance });
         Ok(())
     }
 
@@ -1325,7 +1529,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
     }
 
     fn channel_init_set_target_vp(&mut self, channel: ChannelHandle, vp_index: u32) -> Result<()> {
-        self.disabled_mut(channel)?.settings.target_vp = vp_index;
+        self.client_disabled_mut(channel)?.settings.target_vp = vp_index;
         Ok(())
     }
 
@@ -1411,7 +1615,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
             return Err(NtStatus::INVALID_PARAMETER_7);
         }
         let wait_for_completion = flags.contains(SendFlags::WAIT_FOR_COMPLETION);
-        let deadline = timeout_ns.map(|t| self.connection.transport().now_ns().saturating_add(t));
+        let deadline = timeout_ns.map(|t| self.backend.now_ns().saturating_add(t));
         let c = self.chan_mut(channel)?;
         let transaction_id = c.take_transaction_id();
         if wait_for_completion {
@@ -1474,11 +1678,11 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         flags: GpadlFlags,
         buffer: &dyn PhysicalBuffer,
     ) -> Result<GpadlHandle> {
-        self.chan(channel)?;
+        self.client_chan(channel)?;
         check_gpadl_arguments(flags, buffer.pfns(), buffer.byte_offset(), buffer.byte_count()).map_err(|status| {
             if status == NtStatus::INVALID_PARAMETER_2 { status } else { NtStatus::INVALID_PARAMETER_3 }
         })?;
-        self.create_gpadl(channel, flags, buffer.pfns(), buffer.byte_offset(), buffer.byte_count())
+        B::create_gpadl(self, channel, flags, buffer.pfns(), buffer.byte_offset(), buffer.byte_count())
     }
 
     fn channel_create_gpadl_from_pfn_list(
@@ -1489,22 +1693,14 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
         byte_offset: u32,
         byte_count: u32,
     ) -> Result<GpadlHandle> {
-        self.chan(channel)?;
+        self.client_chan(channel)?;
         check_gpadl_arguments(flags, pfns, byte_offset, byte_count)?;
-        self.create_gpadl(channel, flags, pfns, byte_offset, byte_count)
+        B::create_gpadl(self, channel, flags, pfns, byte_offset, byte_count)
     }
 
     fn channel_delete_gpadl(&mut self, channel: ChannelHandle, gpadl: GpadlHandle) -> Result<()> {
-        let c = self.chan(channel)?;
-        if gpadl.channel != channel || !c.gpadls.iter().any(|(id, _)| *id == gpadl.id) {
-            return Err(NtStatus::INVALID_PARAMETER_2);
-        }
-        let relid = c.relid().ok_or(NtStatus::INVALID_PARAMETER_2)?;
-        let result = self.connection.teardown_gpadl(relid, crate::client::GpadlId(gpadl.id));
-        if let Ok(c) = self.chan_mut(channel) {
-            c.gpadls.retain(|(id, _)| *id != gpadl.id);
-        }
-        result.map_err(|e| client_status(&e))
+        self.chan(channel)?;
+        B::delete_gpadl(self, channel, gpadl)
     }
 
     fn gpadl_is_read_only(&self, gpadl: GpadlHandle) -> Result<bool> {
@@ -1717,5 +1913,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Kmcl for Bus<T, P, 
 
     fn packet_transaction_id(&self, packet: PacketCompletion) -> Result<u64> {
         Ok(self.incoming(packet)?.transaction_id)
+    }
+
+    fn as_server(&mut self) -> Option<&mut dyn super::server::KmclServer> {
+        B::as_server(self)
     }
 }

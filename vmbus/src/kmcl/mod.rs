@@ -140,6 +140,7 @@ pub mod echo;
 pub mod gpadl;
 pub mod handle;
 pub mod packet;
+pub mod server;
 mod slots;
 pub mod status;
 
@@ -147,7 +148,7 @@ pub mod status;
 mod tests;
 
 pub use api::Kmcl;
-pub use bus::{Bus, BusStats, ExecutionContext, RingAllocator};
+pub use bus::{Backend, Bus, BusStats, ClientBackend, EndError, Engine, ExecutionContext, RingAllocator};
 pub use channel::{
     ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, TargetInterface,
 };
@@ -156,4 +157,7 @@ pub use handle::{
     ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle, VmbusPartition,
 };
 pub use packet::{CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags};
+pub use server::{
+    KmclServer, ServerBackend, ServerBus, ServerBusStats, ServerChannelFlags, ServerChannelSettings, ServerTransport,
+};
 pub use status::{NtStatus, Result, Severity};

@@ -1,0 +1,633 @@
+//! The server side of the KMCL (`vmbus::kmcl::server`) against the guest's KMCL on the two ends of one
+//! `LoopbackBus` with guest memory: a server echo driver written only against `Kmcl`/`KmclServer`, and the example
+//! client driver `kmcl::echo` in the guest. Packets and completions both ways, synchronous requests from the
+//! server, the callback order on both ends, guest close and reopen, server disable (rescind), the server-only
+//! statuses, and 64 server channels at once.
+//!
+//! One thread plays both ends: each end's waits give the other end a turn (the guest's transport runs the server
+//! bus in `wait`, the server's idle hook runs the guest bus), through `try_lock`, so an end never re-enters itself.
+
+use std::sync::Arc;
+
+use spin::Mutex;
+use vmbus::client::{ConnectOptions, Connection, VmbusTransport};
+use vmbus::hv::hypercall::{Delay, HvError, Hypercalls};
+use vmbus::kmcl::echo::{ECHO_INTERFACE_TYPE, ECHO_VERSION, EchoDriver, EchoState};
+use vmbus::kmcl::{
+    Bus, ChannelCallbacks, ChannelHandle, ChannelState, ContextId, GpadlFlags, Handles, KernelHandle, KernelObject,
+    Kmcl, KmclServer, NtStatus, PacketCompletion, PartitionId, ProcessPacketFlags, SendFlags, ServerBus,
+    ServerChannelFlags, VmbusPartition,
+};
+use vmbus::memory::{ArenaInterruptPages, ArenaRingAllocator, GuestMemory, PAGE_SIZE, PageArena};
+use vmbus::protocol::{Guid, MAX_MESSAGE_SIZE, OfferFlags, PIPE_MODE_MESSAGE};
+use vmbus::server::{ChannelStatus, LoopbackBus, MapGpadlFlags, ServerConfig};
+
+const BASE_PFN: u64 = 0x30_0000;
+
+type Server = ServerBus<&'static LoopbackBus>;
+type Guest = Bus<GuestTransport, ArenaInterruptPages, ArenaRingAllocator>;
+
+/// The guest's transport: the loopback bus, whose waits also give the server bus a turn.
+#[derive(Clone)]
+struct GuestTransport {
+    bus: &'static LoopbackBus,
+    server: Arc<Mutex<Option<Server>>>,
+}
+
+impl GuestTransport {
+    fn server_turn(&self) {
+        if let Some(mut guard) = self.server.try_lock()
+            && let Some(server) = guard.as_mut()
+        {
+            server.process_interrupt(&self.bus.take_signalled_channels());
+            server.poll();
+        }
+    }
+}
+
+impl Hypercalls for GuestTransport {
+    fn post_message(&self, connection_id: u32, message_type: u32, payload: &[u8]) -> Result<(), HvError> {
+        self.bus.post_message(connection_id, message_type, payload)
+    }
+
+    fn signal_event(&self, connection_id: u32, flag: u16) -> Result<(), HvError> {
+        self.bus.signal_event(connection_id, flag)
+    }
+}
+
+impl Delay for GuestTransport {
+    fn delay_us(&self, us: u64) {
+        self.bus.delay_us(us);
+        self.server_turn();
+    }
+}
+
+impl VmbusTransport for GuestTransport {
+    fn poll_message(&self, buf: &mut [u8; MAX_MESSAGE_SIZE]) -> Option<usize> {
+        self.bus.poll_message(buf)
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.bus.now_ns()
+    }
+
+    fn wait(&self) {
+        VmbusTransport::wait(&self.bus);
+        self.server_turn();
+    }
+}
+
+/// Both ends on one loopback bus.
+struct Rig {
+    loopback: &'static LoopbackBus,
+    arena: PageArena,
+    handles: Arc<Handles>,
+    server: Arc<Mutex<Option<Server>>>,
+    guest: Arc<Mutex<Guest>>,
+}
+
+fn guest_turn(loopback: &LoopbackBus, guest: &Mutex<Guest>) {
+    if let Some(mut guest) = guest.try_lock() {
+        let relids = loopback.take_guest_event_flags();
+        guest.process_interrupt(&relids);
+        guest.poll();
+    }
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let arena = PageArena::new(BASE_PFN, 4096);
+        let loopback: &'static LoopbackBus =
+            Box::leak(Box::new(LoopbackBus::with_memory(ServerConfig::new(), arena.clone())));
+        let handles = Arc::new(Handles::new());
+        let server = Arc::new(Mutex::new(Some(ServerBus::new(loopback, Arc::clone(&handles)))));
+        let transport = GuestTransport { bus: loopback, server: Arc::clone(&server) };
+        let interrupt_page = arena.allocate(1).unwrap() * PAGE_SIZE;
+        let monitor_pages = arena.allocate(2).unwrap() * PAGE_SIZE;
+        let mut connection = Connection::connect(
+            transport,
+            ConnectOptions::new(interrupt_page, (monitor_pages, monitor_pages + PAGE_SIZE)),
+        )
+        .unwrap();
+        connection.request_offers().unwrap();
+        let pages = ArenaInterruptPages::new(arena.clone(), Some(interrupt_page), Some(monitor_pages + PAGE_SIZE));
+        let guest = Arc::new(Mutex::new(Bus::new(connection, pages, ArenaRingAllocator::new(arena.clone()))));
+        let hook_guest = Arc::clone(&guest);
+        server.lock().as_mut().unwrap().set_idle_hook(Some(Box::new(move || guest_turn(loopback, &hook_guest))));
+        Rig { loopback, arena, handles, server, guest }
+    }
+
+    fn server<R>(&self, f: impl FnOnce(&mut Server) -> R) -> R {
+        f(self.server.lock().as_mut().unwrap())
+    }
+
+    fn guest<R>(&self, f: impl FnOnce(&mut Guest) -> R) -> R {
+        f(&mut self.guest.lock())
+    }
+
+    /// Rounds of: the host handles messages, the server bus runs, the guest bus runs.
+    fn pump(&self, rounds: usize) {
+        for _ in 0..rounds {
+            self.loopback.run_host();
+            self.server(|server| {
+                server.process_interrupt(&self.loopback.take_signalled_channels());
+                server.poll();
+            });
+            guest_turn(self.loopback, &self.guest);
+        }
+    }
+
+    /// Starts the client echo driver for `instance` in the guest (it negotiates in `post_started`).
+    fn start_echo(&self, instance: Guid) -> (ChannelHandle, Arc<spin::Mutex<EchoState>>) {
+        let page = self.arena.allocate(1).unwrap();
+        self.guest(|guest| EchoDriver::start(guest, Some(instance), page)).unwrap()
+    }
+}
+
+/// What the server echo driver saw.
+#[derive(Default)]
+struct ServerLog {
+    events: Vec<String>,
+    /// Payloads of packets that asked for no completion.
+    received: Vec<Vec<u8>>,
+    /// Completions of the server's own packets.
+    completions: Vec<(NtStatus, Vec<u8>)>,
+    /// Whether `opened` saw the server interface through `Kmcl::as_server`.
+    saw_server_interface: bool,
+}
+
+/// A server driver for the echo device, written against `Kmcl` and `KmclServer` only: it accepts the client's
+/// hello with [`ECHO_VERSION`], echoes requests as their completions and records the rest.
+struct ServerEcho {
+    log: Arc<Mutex<ServerLog>>,
+    refuse_open: Option<NtStatus>,
+}
+
+impl ServerEcho {
+    fn event(&self, name: &str) {
+        self.log.lock().events.push(name.into());
+    }
+}
+
+impl ChannelCallbacks for ServerEcho {
+    fn opened(&mut self, kmcl: &mut dyn Kmcl, channel: ChannelHandle) -> vmbus::kmcl::Result<()> {
+        self.event("opened");
+        let server = kmcl.as_server().is_some_and(|server| server.server_channel_partition(channel).is_ok());
+        self.log.lock().saw_server_interface = server;
+        match self.refuse_open {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
+    }
+
+    fn started(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.event("started");
+    }
+
+    fn post_started(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.event("post_started");
+    }
+
+    fn suspend(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.event("suspend");
+    }
+
+    fn closed(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.event("closed");
+    }
+
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn Kmcl,
+        _channel: ChannelHandle,
+        packet: PacketCompletion,
+        buffer: &[u8],
+        _flags: ProcessPacketFlags,
+    ) {
+        let answer = if buffer.starts_with(b"ECHO") {
+            let mut version = [0u8; 8];
+            version[..4].copy_from_slice(&ECHO_VERSION.to_le_bytes());
+            version.to_vec()
+        } else if kmcl.packet_completion_requested(packet).unwrap() {
+            buffer.to_vec()
+        } else {
+            self.log.lock().received.push(buffer.to_vec());
+            Vec::new()
+        };
+        kmcl.packet_complete(packet, &answer).unwrap();
+    }
+}
+
+fn instance(n: u16) -> Guid {
+    Guid::from_fields(0x5345_5256, n, 0x4543, [0x48, 0x4f, 0, 0, 0, 0, 0, 1])
+}
+
+/// Allocates, sets up and enables a server echo channel for `instance`.
+fn server_echo(
+    server: &mut Server,
+    instance: Guid,
+    refuse_open: Option<NtStatus>,
+) -> (ChannelHandle, Arc<Mutex<ServerLog>>) {
+    let log = Arc::new(Mutex::new(ServerLog::default()));
+    let channel = server.channel_allocate().unwrap();
+    assert_eq!(server.channel_state(channel), Ok(ChannelState::Disabled));
+    server.channel_init_set_maximum_packet_size(channel, 512).unwrap();
+    server.channel_init_set_callbacks(channel, Box::new(ServerEcho { log: Arc::clone(&log), refuse_open })).unwrap();
+    server.server_channel_init_set_target_interface_id(channel, ECHO_INTERFACE_TYPE, instance).unwrap();
+    server.channel_init_set_friendly_name(channel, "server echo").unwrap();
+    server.channel_enable(channel).unwrap();
+    assert_eq!(server.channel_state(channel), Ok(ChannelState::Enabled));
+    (channel, log)
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| String::from(*s)).collect()
+}
+
+#[test]
+fn packets_completions_and_synchronous_requests_flow_both_ways() {
+    let rig = Rig::new();
+    let (channel, log) = rig.server(|server| server_echo(server, instance(1), None));
+    rig.pump(3);
+    let (guest_channel, echo) = rig.start_echo(instance(1));
+    rig.pump(3);
+
+    // The open, negotiation and callback order on both ends.
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+    assert_eq!(log.lock().events, strings(&["opened", "started", "post_started"]));
+    assert!(log.lock().saw_server_interface, "callbacks reach the server-only methods");
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION), "the client's hello was completed by the server");
+    assert_eq!(echo.lock().events, ["opened", "started", "post_started"]);
+    assert_eq!(rig.guest(|g| g.channel_state(guest_channel)), Ok(ChannelState::Active));
+    let relid = rig.server(|s| s.channel_relid(channel)).unwrap();
+    assert_eq!(rig.guest(|g| g.channel_relid(guest_channel)), Ok(relid));
+    assert_eq!(rig.server(|s| s.channel_offer(channel)).unwrap().interface_instance, instance(1));
+
+    // Guest → server: a ping (synchronous request) is echoed as the server's completion.
+    let mut answer = [0u8; 16];
+    let len = rig.guest(|g| EchoDriver::ping(g, guest_channel, b"ping from guest!", &mut answer)).unwrap();
+    assert_eq!(&answer[..len], b"ping from guest!");
+
+    // Server → guest with WAIT_FOR_COMPLETION: the guest's echo comes back as the completion.
+    rig.server(|server| {
+        let packet = server.packet_allocate(channel).unwrap();
+        let completions = Arc::clone(&log);
+        server
+            .packet_set_completion_routine(
+                packet,
+                Box::new(move |kmcl, packet, status, payload| {
+                    completions.lock().completions.push((status, payload.to_vec()));
+                    kmcl.packet_free(packet).unwrap();
+                }),
+            )
+            .unwrap();
+        server.packet_send(packet, b"server says hello", None, SendFlags::WAIT_FOR_COMPLETION).unwrap();
+    });
+    rig.pump(3);
+    let completions = core::mem::take(&mut log.lock().completions);
+    assert_eq!(completions.len(), 1);
+    assert_eq!(completions[0].0, NtStatus::SUCCESS);
+    assert_eq!(&completions[0].1[..17], b"server says hello");
+
+    // Server → guest without a completion: the guest echoes it as a new packet, which the server receives.
+    rig.server(|server| {
+        let packet = server.packet_allocate(channel).unwrap();
+        server.packet_send(packet, b"no completion", None, SendFlags::NONE).unwrap();
+    });
+    rig.pump(3);
+    assert_eq!(log.lock().received.len(), 1);
+    assert_eq!(&log.lock().received[0][..13], b"no completion");
+
+    // A synchronous request from the server side.
+    let mut answer = [0u8; 24];
+    let len = rig
+        .server(|server| {
+            server.channel_send_synchronous_request(
+                channel,
+                b"synchronous from host",
+                None,
+                SendFlags::WAIT_FOR_COMPLETION,
+                Some(&mut answer),
+                Some(50_000_000),
+            )
+        })
+        .unwrap();
+    assert_eq!(&answer[..21], b"synchronous from host");
+    assert_eq!(len, 24);
+    assert_eq!(echo.lock().echoed, 3, "two requests echoed as completions and one as a packet");
+    assert_eq!(echo.lock().echo_failures, 0);
+    let stats = rig.server(|s| s.stats());
+    assert_eq!((stats.unknown_completions, stats.ring_errors, stats.oversized_packets), (0, 0, 0));
+    assert!(stats.delivered >= 3, "hello, ping and the echoed packet: {stats:?}");
+}
+
+#[test]
+fn the_guest_closes_and_reopens_and_the_server_disable_rescinds() {
+    let rig = Rig::new();
+    let (channel, log) = rig.server(|server| server_echo(server, instance(2), None));
+    rig.pump(2);
+    let (guest_channel, echo) = rig.start_echo(instance(2));
+    rig.pump(2);
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION));
+
+    // The guest closes: the server suspends and closes, and the channel stays offered.
+    rig.guest(|g| EchoDriver::stop(g, guest_channel)).unwrap();
+    rig.pump(3);
+    assert_eq!(log.lock().events, strings(&["opened", "started", "post_started", "suspend", "closed"]));
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Enabled));
+    let relid = rig.server(|s| s.channel_relid(channel)).unwrap();
+    assert_eq!(rig.loopback.with_server(|s| s.channel(relid).map(|c| c.status)), Some(ChannelStatus::Closed));
+    assert_eq!(rig.server(|s| s.server_stats().guest_closes), 1);
+
+    // And opens it again.
+    let (guest_channel, echo) = rig.start_echo(instance(2));
+    rig.pump(2);
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION), "negotiated again on the reopened channel");
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+    assert_eq!(log.lock().events[5..], strings(&["opened", "started", "post_started"]));
+    assert_eq!(rig.server(|s| s.server_stats().opens_accepted), 2);
+
+    // Pause and start on the server as on the client: no packets are processed while paused.
+    rig.server(|s| s.channel_pause(channel)).unwrap();
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Paused));
+    let pinged = {
+        let mut answer = [0u8; 8];
+        rig.guest(|g| {
+            g.channel_send_synchronous_request(
+                guest_channel,
+                b"paused?",
+                None,
+                SendFlags::WAIT_FOR_COMPLETION,
+                Some(&mut answer),
+                Some(5_000_000),
+            )
+        })
+    };
+    assert_eq!(pinged, Err(NtStatus::CANCELLED), "the paused server does not answer");
+    rig.server(|s| s.channel_start(channel)).unwrap();
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+
+    // The server disables: suspend, closed, rescind; the guest sees the rescind and releases the relid.
+    let before = log.lock().events.len();
+    rig.server(|s| s.channel_disable(channel)).unwrap();
+    assert_eq!(log.lock().events[before..], strings(&["suspend", "closed"]));
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Disabled));
+    assert_eq!(rig.server(|s| s.server_stats().unreleased_rescinds), 0, "the guest released the relid in time");
+    assert!(rig.loopback.with_server(|s| s.channel(relid)).is_none(), "the relid is free again");
+    assert_eq!(rig.guest(|g| g.channel_state(guest_channel)), Ok(ChannelState::Closed));
+    assert_eq!(echo.lock().events[3..], ["suspend", "closed"]);
+    let sent = rig.guest(|g| {
+        let packet = g.packet_allocate(guest_channel)?;
+        let result = g.packet_send(packet, b"anyone?", None, SendFlags::NONE);
+        g.packet_free(packet)?;
+        result
+    });
+    assert_eq!(sent, Err(NtStatus::DEVICE_REMOVED));
+    rig.server(|s| s.channel_cleanup(channel)).unwrap();
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Err(NtStatus::INVALID_PARAMETER_1));
+}
+
+#[test]
+fn an_opened_failure_refuses_the_open_and_the_channel_stays_offered() {
+    let rig = Rig::new();
+    let (channel, log) = rig.server(|server| server_echo(server, instance(3), Some(NtStatus::INSUFFICIENT_RESOURCES)));
+    rig.pump(2);
+    let (guest_channel, echo) = rig.start_echo(instance(3));
+    rig.pump(2);
+    assert_eq!(log.lock().events, strings(&["opened"]));
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Enabled));
+    assert_eq!(rig.server(|s| s.server_stats().opens_refused), 1);
+    assert_eq!(rig.guest(|g| g.channel_state(guest_channel)), Ok(ChannelState::Closed));
+    assert_eq!(echo.lock().version, None);
+    let relid = rig.server(|s| s.channel_relid(channel)).unwrap();
+    let summary = rig.loopback.with_server(|s| s.channel(relid)).unwrap();
+    assert_eq!((summary.status, summary.rescinded), (ChannelStatus::Closed, false));
+}
+
+#[derive(Debug)]
+struct NotAPartition;
+
+impl KernelObject for NotAPartition {
+    const TYPE_NAME: &'static str = "NotAPartition";
+}
+
+#[test]
+fn every_server_only_rule_returns_its_documented_status() {
+    let rig = Rig::new();
+    let handles = Arc::clone(&rig.handles);
+    rig.server(|server| {
+        let channel = server.channel_allocate().unwrap();
+        // Flags: known bits map to offer flags, unknown bits are `_2`.
+        assert_eq!(
+            server.server_channel_init_set_flags(channel, ServerChannelFlags(0x20)),
+            Err(NtStatus::INVALID_PARAMETER_2)
+        );
+        let flags = ServerChannelFlags(
+            ServerChannelFlags::ENUMERATE_DEVICE_INTERFACE.0
+                | ServerChannelFlags::OFFER_AS_PIPE.0
+                | ServerChannelFlags::FORCE_NEW_CHANNEL.0,
+        );
+        server.server_channel_init_set_flags(channel, flags).unwrap();
+        assert_eq!(flags.offer_flags(), OfferFlags::ENUMERATE_DEVICE_INTERFACE | OfferFlags::NAMED_PIPE_MODE);
+        // MMIO: both 0 is INVALID_PARAMETER, more than 16 bits `_2`/`_3`.
+        assert_eq!(server.server_channel_init_set_mmio_megabytes(channel, 0, 0), Err(NtStatus::INVALID_PARAMETER));
+        assert_eq!(
+            server.server_channel_init_set_mmio_megabytes(channel, 70_000, 0),
+            Err(NtStatus::INVALID_PARAMETER_2)
+        );
+        assert_eq!(
+            server.server_channel_init_set_mmio_megabytes(channel, 0, 70_000),
+            Err(NtStatus::INVALID_PARAMETER_3)
+        );
+        server.server_channel_init_set_mmio_megabytes(channel, 16, 32).unwrap();
+        // VTL 0 only; user data at most 120 bytes; pipe modes byte or message.
+        assert_eq!(server.server_channel_init_set_target_vtl(channel, 2), Err(NtStatus::INVALID_PARAMETER_2));
+        server.server_channel_init_set_target_vtl(channel, 0).unwrap();
+        assert_eq!(
+            server.server_channel_init_set_offer_user_data(channel, &[0; 121]),
+            Err(NtStatus::INVALID_PARAMETER_2)
+        );
+        assert_eq!(server.server_channel_init_set_pipe_mode(channel, 7), Err(NtStatus::INVALID_PARAMETER_2));
+        server.server_channel_init_set_pipe_mode(channel, PIPE_MODE_MESSAGE).unwrap();
+
+        // The VMBus handle: a partition's kernel handle resolves and is recorded; a closed one and one of another
+        // type fail with the handle module's statuses.
+        let context = handles.create_context().unwrap();
+        let partition = handles.insert(context, Arc::new(VmbusPartition::new(PartitionId(7), "guest"))).unwrap();
+        let kernel = handles.vmb_convert_vmbus_handle_to_kernel_handle(context, partition.raw()).unwrap();
+        server.server_channel_init_set_vmbus_handle(channel, kernel).unwrap();
+        assert_eq!(server.server_channel_partition(channel), Ok(Some(PartitionId(7))));
+        handles.close_kernel_handle(kernel).unwrap();
+        assert_eq!(server.server_channel_init_set_vmbus_handle(channel, kernel), Err(NtStatus::INVALID_HANDLE));
+        let other = handles.insert(ContextId::KERNEL, Arc::new(NotAPartition)).unwrap();
+        let other = KernelHandle::from_raw(other.raw()).unwrap();
+        assert_eq!(server.server_channel_init_set_vmbus_handle(channel, other), Err(NtStatus::OBJECT_TYPE_MISMATCH));
+        assert_eq!(server.server_channel_partition(channel), Ok(Some(PartitionId(7))), "a failure changes nothing");
+
+        // Client-only functions on a server channel, and wrong states, are `_1`.
+        assert_eq!(server.channel_init_set_ring_buffer_page_count(channel, 4, 4), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(
+            server.channel_init_set_target(channel, ECHO_INTERFACE_TYPE, None),
+            Err(NtStatus::INVALID_PARAMETER_1)
+        );
+        assert_eq!(server.channel_init_set_target_vp(channel, 0), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.channel_enable(channel), Err(NtStatus::INVALID_PARAMETER_1), "no callbacks yet");
+        let log = Arc::new(Mutex::new(ServerLog::default()));
+        server.channel_init_set_callbacks(channel, Box::new(ServerEcho { log, refuse_open: None })).unwrap();
+        assert_eq!(server.channel_enable(channel), Err(NtStatus::INVALID_PARAMETER_1), "no interface id yet");
+        server.server_channel_init_set_target_interface_id(channel, ECHO_INTERFACE_TYPE, instance(4)).unwrap();
+        server.server_channel_init_set_offer_user_data(channel, &[0xAB; 120]).unwrap();
+        assert_eq!(server.channel_enable(channel), Err(NtStatus::INVALID_BUFFER_SIZE), "120 bytes after a pipe mode");
+        server.server_channel_init_set_offer_user_data(channel, b"user").unwrap();
+        server.channel_enable(channel).unwrap();
+        assert_eq!(
+            server.server_channel_init_set_flags(channel, ServerChannelFlags::NONE),
+            Err(NtStatus::INVALID_PARAMETER_1)
+        );
+        assert_eq!(server.server_channel_init_set_target_vtl(channel, 0), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.channel_init_set_maximum_packet_size(channel, 64), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.channel_start(channel), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.channel_pause(channel), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.channel_cleanup(channel), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(
+            server.channel_create_gpadl_from_pfn_list(channel, GpadlFlags::NONE, &[BASE_PFN], 0, 4096),
+            Err(NtStatus::INVALID_PARAMETER_1)
+        );
+
+        // The offer as the host made it.
+        let offer = server.channel_offer(channel).unwrap();
+        assert_eq!(offer.flags, OfferFlags::ENUMERATE_DEVICE_INTERFACE | OfferFlags::NAMED_PIPE_MODE);
+        assert_eq!(offer.mmio_megabytes, 16);
+        assert_eq!(offer.user_defined[..8], [4, 0, 0, 0, b'u', b's', b'e', b'r'], "pipe mode, then the user data");
+        let spec = rig.loopback.with_server(|s| s.offer_spec(offer.child_relid).cloned()).unwrap();
+        assert!(spec.confirm_opens, "the bus answers opens itself");
+        assert_eq!(server.server_channel_settings(channel).unwrap().mmio_megabytes, (16, 32));
+
+        // Save and restore are not supported (and never pretend to succeed).
+        assert_eq!(server.server_channel_init_set_save_restore_packet_callbacks(channel), Err(NtStatus::NOT_SUPPORTED));
+        assert_eq!(server.channel_save_begin(channel), Err(NtStatus::NOT_SUPPORTED));
+        assert_eq!(server.channel_save_continue(channel, &mut [0; 64]), Err(NtStatus::NOT_SUPPORTED));
+        assert_eq!(server.channel_save_end(channel), Err(NtStatus::NOT_SUPPORTED));
+        assert_eq!(server.channel_restore_from_buffer(channel, &[0; 64]), Err(NtStatus::NOT_SUPPORTED));
+        assert_eq!(server.packet_restore(channel, &[0; 64]), Err(NtStatus::NOT_SUPPORTED));
+
+        // A stale channel handle is `_1` everywhere.
+        server.channel_disable(channel).unwrap();
+        server.channel_cleanup(channel).unwrap();
+        assert_eq!(server.channel_save_begin(channel), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(server.server_channel_init_set_target_vtl(channel, 0), Err(NtStatus::INVALID_PARAMETER_1));
+        assert_eq!(
+            server.channel_map_gpadl(channel, MapGpadlFlags::NONE, 1).err(),
+            Some(NtStatus::INVALID_PARAMETER_1)
+        );
+    });
+}
+
+#[test]
+fn map_gpadl_rules_read_only_one_mapping_and_unmap() {
+    let rig = Rig::new();
+    let (channel, _log) = rig.server(|server| server_echo(server, instance(5), None));
+    rig.pump(2);
+    let (guest_channel, echo) = rig.start_echo(instance(5));
+    rig.pump(2);
+    // The echo driver's shared page GPADL, and a second, read-only one.
+    let shared = echo.lock().shared_gpadl.unwrap();
+    let shared_handle = shared.id();
+    let page = rig.arena.allocate(1).unwrap();
+    let read_only = rig
+        .guest(|g| g.channel_create_gpadl_from_pfn_list(guest_channel, GpadlFlags::READ_ONLY, &[page], 0, 4096))
+        .unwrap();
+    // GPADL_HEADER carries no read-only bit: an in-process client tells the server (see `Server::set_gpadl_read_only`).
+    rig.loopback.with_server(|s| s.set_gpadl_read_only(read_only.id())).unwrap();
+
+    rig.server(|server| {
+        assert_eq!(
+            server.channel_map_gpadl(channel, MapGpadlFlags(0x2), shared_handle).err(),
+            Some(NtStatus::INVALID_PARAMETER_2)
+        );
+        assert_eq!(
+            server.channel_map_gpadl(channel, MapGpadlFlags::NONE, 0xdead).err(),
+            Some(NtStatus::INVALID_PARAMETER_3)
+        );
+        assert_eq!(
+            server.channel_unmap_gpadl(channel, shared_handle),
+            Err(NtStatus::INVALID_PARAMETER_3),
+            "not mapped"
+        );
+        // Writable mapping of a read-only GPADL fails; read-only works, once.
+        assert_eq!(
+            server.channel_map_gpadl(channel, MapGpadlFlags::NONE, read_only.id()).err(),
+            Some(NtStatus::ACCESS_DENIED)
+        );
+        let mapped = server.channel_map_gpadl(channel, MapGpadlFlags::READ_ONLY, read_only.id()).unwrap();
+        assert!(!mapped.writable);
+        assert_eq!(mapped.len(), 4096);
+        assert_eq!(
+            server.channel_map_gpadl(channel, MapGpadlFlags::READ_ONLY, read_only.id()).err(),
+            Some(NtStatus::INVALID_DEVICE_STATE)
+        );
+        assert_eq!(server.channel_write_mapped_gpadl(channel, read_only.id(), 0, b"no"), Err(NtStatus::ACCESS_DENIED));
+        server.channel_unmap_gpadl(channel, read_only.id()).unwrap();
+        assert_eq!(server.channel_unmap_gpadl(channel, read_only.id()), Err(NtStatus::INVALID_PARAMETER_3));
+
+        // The shared page, writable: the server's bytes land in the guest's page.
+        server.channel_map_gpadl(channel, MapGpadlFlags::NONE, shared_handle).unwrap();
+        server.channel_write_mapped_gpadl(channel, shared_handle, 100, b"from the host").unwrap();
+        let mut back = [0u8; 13];
+        server.channel_read_mapped_gpadl(channel, shared_handle, 100, &mut back).unwrap();
+        assert_eq!(&back, b"from the host");
+        assert_eq!(
+            server.channel_read_mapped_gpadl(channel, shared_handle, 4090, &mut back),
+            Err(NtStatus::INVALID_PARAMETER_3),
+            "past the GPADL's end"
+        );
+        assert_eq!(
+            server.channel_read_mapped_gpadl(channel, read_only.id(), 0, &mut back),
+            Err(NtStatus::INVALID_PARAMETER_2)
+        );
+        server.channel_unmap_gpadl(channel, shared_handle).unwrap();
+    });
+    let shared_pfn =
+        rig.loopback.with_server(|s| s.gpadl(shared_handle).and_then(|g| g.whole_pages().map(|p| p[0]))).unwrap();
+    let mut seen = [0u8; 13];
+    rig.arena.read(shared_pfn * PAGE_SIZE + 100, &mut seen).unwrap();
+    assert_eq!(&seen, b"from the host");
+
+    // The guest deletes the read-only GPADL; a GPADL left mapped at close is unmapped by the bus and counted.
+    rig.guest(|g| g.channel_delete_gpadl(guest_channel, read_only)).unwrap();
+    rig.server(|server| server.channel_map_gpadl(channel, MapGpadlFlags::READ_ONLY, shared_handle)).unwrap();
+    assert!(rig.loopback.with_server(|s| s.is_gpadl_mapped(shared_handle)));
+    rig.server(|server| server.channel_disable(channel)).unwrap();
+    assert!(!rig.loopback.with_server(|s| s.is_gpadl_mapped(shared_handle)));
+    assert_eq!(rig.server(|s| s.stats().leaked_gpadls), 1);
+}
+
+#[test]
+fn sixty_four_server_channels_at_once() {
+    let rig = Rig::new();
+    let servers: Vec<_> = (0..64).map(|n| rig.server(|server| server_echo(server, instance(100 + n), None))).collect();
+    rig.pump(2);
+    let guests: Vec<_> = (0..64).map(|n| rig.start_echo(instance(100 + n))).collect();
+    rig.pump(3);
+    for (n, ((server_channel, log), (guest_channel, echo))) in servers.iter().zip(&guests).enumerate() {
+        assert_eq!(echo.lock().version, Some(ECHO_VERSION), "channel {n}");
+        assert_eq!(log.lock().events, strings(&["opened", "started", "post_started"]));
+        assert_eq!(rig.server(|s| s.channel_state(*server_channel)), Ok(ChannelState::Active));
+        let payload = format!("channel {n:02} says hi");
+        let mut answer = [0u8; 24];
+        let len = rig.guest(|g| EchoDriver::ping(g, *guest_channel, payload.as_bytes(), &mut answer)).unwrap();
+        assert_eq!(&answer[..payload.len()], payload.as_bytes());
+        assert_eq!(len, 24);
+    }
+    let relids: std::collections::BTreeSet<u32> =
+        servers.iter().map(|(channel, _)| rig.server(|s| s.channel_relid(*channel)).unwrap()).collect();
+    assert_eq!(relids.len(), 64, "each channel its own offer");
+    assert_eq!(rig.server(|s| s.server_stats().opens_accepted), 64);
+    for (channel, _) in &servers {
+        rig.server(|s| s.channel_disable(*channel)).unwrap();
+    }
+    assert_eq!(rig.server(|s| s.server_stats().unreleased_rescinds), 0);
+    for (guest_channel, _) in &guests {
+        assert_eq!(rig.guest(|g| g.channel_state(*guest_channel)), Ok(ChannelState::Closed));
+    }
+}
