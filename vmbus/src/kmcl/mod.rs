@@ -15,6 +15,10 @@
 //!   messages ([`Bus::process_interrupt`], [`Bus::poll`]) to the driver's [`ChannelCallbacks`] ([`channel`]).
 //!   Packets and their flags are in [`packet`], GPADLs in [`gpadl`].
 //! - [`echo`]: an example driver written only against [`Kmcl`], the starting point for a new driver.
+//! - The server side ([`server`]): [`ServerBus`] is the same packet engine ([`Engine`]) over the crate's VMBus host
+//!   ([`crate::server`], through a [`ServerTransport`]), with server channels (`VmbChannelAllocate(IsServer =
+//!   TRUE)`), the server lifecycle (enable offers, the guest's open and close drive the callbacks, disable
+//!   rescinds) and the server-only methods ([`KmclServer`]).
 //!
 //! # Conventions
 //! - A `VMBCHANNEL` is a [`ChannelHandle`], a `VMBPACKET` a [`PacketHandle`], a `VMBPACKETCOMPLETION` a
@@ -22,7 +26,9 @@
 //!   a stale or forged one is refused ([`NtStatus::INVALID_PARAMETER_1`]) and never reaches a newer object.
 //! - `VmbChannelX(Channel, …)` is `kmcl.channel_x(channel, …)`, `VmbPacketX(Packet, …)` is
 //!   `kmcl.packet_x(packet, …)`, `VmbChannelPacketX(PacketCompletion, …)` is `kmcl.packet_x(completion, …)`;
-//!   server-only methods are planned on a `ServerChannel` (`kmcl::server`, over `vmbus::server`).
+//!   the server-only methods are [`KmclServer`] methods of a [`ServerBus`] (`VmbServerChannelInitSetX` is
+//!   `server.server_channel_init_set_x(channel, …)`, `VmbChannelMapGpadl` is `server.channel_map_gpadl(…)`); a
+//!   callback, which gets `&mut dyn Kmcl`, reaches them through [`Kmcl::as_server`].
 //! - "set/get pointer" is a typed [`Context`] (`Arc<dyn Any + Send + Sync>`) instead of a `void *`; callback function
 //!   pointers and their context are a [`ChannelCallbacks`] trait object and [`CompletionRoutine`] closures.
 //! - Windows notions without a counterpart: an **MDL** becomes a PFN list with offset and length
@@ -36,13 +42,15 @@
 //!   parameter of the Windows function); nothing panics. Each method's documentation lists its statuses.
 //!
 //! # Mapping of the Windows API
-//! Status: **done** (built and covered by tests in `kmcl::tests`), **planned: `<where>`** (the intended Rust name and
-//! module, to be built), or **no counterpart: …** (what a unikernel driver uses instead).
+//! Status: **done** (built and covered by tests in `kmcl::tests`; the server side by `vmbus/tests/kmcl_server.rs`),
+//! **planned: `<where>`** (the intended Rust name and module, to be built), **not supported: …** (the call exists and
+//! fails with [`NtStatus::NOT_SUPPORTED`], for the reason given) or **no counterpart: …** (what a unikernel driver
+//! uses instead).
 //!
 //! ## Client interface (`KMCL_CLIENT_INTERFACE_V1`, 41 entries in interface order)
 //! | # | Windows | Rust ([`Kmcl`] methods) | status |
 //! |---|---|---|---|
-//! | 1 | `VmbChannelAllocate` | [`Kmcl::channel_allocate`] | **done** (client channels; the parent device object is the [`Bus`]; `IsServer` channels are planned in `kmcl::server`) |
+//! | 1 | `VmbChannelAllocate` | [`Kmcl::channel_allocate`] | **done**: on a [`Bus`] a client channel, on a [`ServerBus`] a server channel (`IsServer = TRUE`; the bus the channel is allocated on decides, as the parent device object does on Windows). Every other function of this table works on server channels too, with the rings in the host's orientation, except rows 3, 4, 30, 31, V4 `CreateGpadlFromPfnList` and V5 `ClientChannelInitSetTargetProcessorIndex`, which are `_1` there (client-only; a server maps the guest's GPADLs instead of creating its own) |
 //! | 2 | `VmbChannelCleanup` | [`Kmcl::channel_cleanup`] | **done** |
 //! | 3 | `VmbChannelCreateGpadlFromBuffer` | [`Kmcl::channel_create_gpadl_from_buffer`] | **done** (the buffer is a [`PhysicalBuffer`]: a `no_std` library cannot look up the pages of a virtual address) |
 //! | 4 | `VmbChannelCreateGpadlFromMdl` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done**, no MDL: a PFN list with offset and length describes the same memory |
@@ -85,22 +93,28 @@
 //! | 41 | `VmbPacketSetPointer` | [`Kmcl::packet_set_pointer`] | **done** |
 //!
 //! ## Server-only methods (`KMCL_SERVER_ONLY_METHODS`, 14)
+//! [`KmclServer`] methods of a [`ServerBus`]; covered by `vmbus/tests/kmcl_server.rs`. Lifecycle of a server channel:
+//! `channel_enable` offers it, the guest's open runs Opened (an error refuses the open with that status) → Started →
+//! PostStarted, the guest's close runs Suspend → Closed and keeps the offer, `channel_disable` tears down, rescinds
+//! and waits for RELID_RELEASED ([`server`] documents each step).
+//!
 //! | Windows | Rust | status |
 //! |---|---|---|
-//! | `VmbChannelMapGpadl` | `ServerChannel::map_gpadl` | planned: `kmcl::server` (a PFN list instead of an MDL) |
-//! | `VmbChannelUnmapGpadl` | `ServerChannel::unmap_gpadl` | planned: `kmcl::server` |
-//! | `VmbChannelSaveBegin` | `ServerChannel::save_begin` | planned: `kmcl::server` (state kept across a server restart) |
-//! | `VmbChannelSaveContinue` | `ServerChannel::save_continue` | planned: `kmcl::server` ("more to save" is an `Ok` variant, [`NtStatus::BUFFER_OVERFLOW`] on Windows) |
-//! | `VmbChannelSaveEnd` | `ServerChannel::save_end` | planned: `kmcl::server` |
-//! | `VmbChannelRestoreFromBuffer` | `ServerChannel::restore_from_buffer` | planned: `kmcl::server` ("more chunks" is an `Ok` variant, [`NtStatus::MORE_PROCESSING_REQUIRED`] on Windows) |
-//! | `VmbPacketRestore` | `Packet::restore` | planned: `kmcl::server` |
+//! | `VmbChannelMapGpadl` | [`KmclServer::channel_map_gpadl`] | **done**: the ranges ([`crate::server::MappedGpadl`]) instead of an MDL, bytes through [`KmclServer::channel_read_mapped_gpadl`]/[`KmclServer::channel_write_mapped_gpadl`]; `READ_ONLY`, a writable mapping of a read-only GPADL is `ACCESS_DENIED`, one mapping at a time, and the guest's `channel_delete_gpadl` waits until unmapped (GPADLs left mapped at `closed` are unmapped by the bus and counted) |
+//! | `VmbChannelUnmapGpadl` | [`KmclServer::channel_unmap_gpadl`] | **done** (`_3` when not mapped) |
+//! | `VmbChannelSaveBegin` | [`KmclServer::channel_save_begin`] | not supported: save and restore carry a channel across a restart of Windows' server code (VM worker process or VSP servicing) while the guest runs; this crate's server has no such restart — nothing survives to restore into — so the call fails with `NOT_SUPPORTED` rather than pretend |
+//! | `VmbChannelSaveContinue` | [`KmclServer::channel_save_continue`] | not supported (as `SaveBegin`) |
+//! | `VmbChannelSaveEnd` | [`KmclServer::channel_save_end`] | not supported (as `SaveBegin`) |
+//! | `VmbChannelRestoreFromBuffer` | [`KmclServer::channel_restore_from_buffer`] | not supported (as `SaveBegin`) |
+//! | `VmbPacketRestore` | [`KmclServer::packet_restore`] | not supported (as `SaveBegin`) |
 //! | `VmbConvertVmbusHandleToKernelHandle` | [`Handles::vmb_convert_vmbus_handle_to_kernel_handle`] | **done**: [`handle`] (the calling context is an explicit argument; the kernel handle is closed with [`Handles::close_kernel_handle`]) |
-//! | `VmbServerChannelInitSetVmbusHandle` | `ServerChannel::init_set_vmbus_handle(KernelHandle)` | planned: `kmcl::server`; the look-up it needs, [`Handles::resolve_partition`], is **done** |
-//! | `VmbServerChannelInitSetFlags` | `ServerChannel::init_set_flags(ServerChannelFlags)` | planned: `kmcl::server` |
-//! | `VmbServerChannelInitSetMmioMegabytes` | `ServerChannel::init_set_mmio_megabytes` | planned: `kmcl::server` |
-//! | `VmbServerChannelInitSetSaveRestorePacketCallbacks` | `ServerChannel::init_set_save_restore_packet_callbacks` | planned: `kmcl::server` |
-//! | `VmbServerChannelInitSetTargetInterfaceId` | `ServerChannel::init_set_target_interface_id` | planned: `kmcl::server` |
-//! | `VmbServerChannelInitSetTargetVtl` | `ServerChannel::init_set_target_vtl` | planned: `kmcl::server` |
+//! | `VmbServerChannelInitSetVmbusHandle` | [`KmclServer::server_channel_init_set_vmbus_handle`] | **done**: resolved with [`Handles::resolve_partition`] in the [`Handles`] the bus was made with (`INVALID_HANDLE` closed/forged, `OBJECT_TYPE_MISMATCH` not a partition); the partition is recorded ([`KmclServer::server_channel_partition`]); one transport serves one guest, so it does not route the offer |
+//! | `VmbServerChannelInitSetFlags` | [`KmclServer::server_channel_init_set_flags`] ([`ServerChannelFlags`]) | **done**: `_2` for unknown bits; `LOOPBACK_OFFER`, `ENUMERATE_DEVICE_INTERFACE`, `OFFER_AS_PIPE` (named-pipe offer, pipe mode first in the user data), `TLNPI_PROVIDER_OFFER` become offer flags; `FORCE_NEW_CHANNEL` is recorded and changes nothing (every enable is a new offer) |
+//! | `VmbServerChannelInitSetMmioMegabytes` | [`KmclServer::server_channel_init_set_mmio_megabytes`] | **done** (`INVALID_PARAMETER` when both 0; the offer carries the required amount, the optional one is recorded: the crate's OFFERCHANNEL keeps that field reserved) |
+//! | `VmbServerChannelInitSetSaveRestorePacketCallbacks` | [`KmclServer::server_channel_init_set_save_restore_packet_callbacks`] | not supported (as `SaveBegin`) |
+//! | `VmbServerChannelInitSetTargetInterfaceId` | [`KmclServer::server_channel_init_set_target_interface_id`] | **done** (required before `channel_enable`) |
+//! | `VmbServerChannelInitSetTargetVtl` | [`KmclServer::server_channel_init_set_target_vtl`] | **done** for VTL 0; other VTLs `_2`: the crate's server has one guest connection, VTL 0's |
+//! | (offer user data, 120 bytes) | [`KmclServer::server_channel_init_set_offer_user_data`], [`KmclServer::server_channel_init_set_pipe_mode`] | **done**, additions (Windows has no function of its own for them) |
 //!
 //! ## Later interface versions (names as `kmcl-api.md` lists them; Windows documents no signatures)
 //! | version | Windows | Rust | status |
@@ -132,6 +146,7 @@
 //! | `VMBUS_CHANNEL_INIT_FLAG_*`, `VMBUS_CHANNEL_FORMAT_FLAG_*`, `VMBUS_GPADL_FLAG_*` | [`ChannelInitFlags`], [`SendFlags`], [`GpadlFlags`] | **done** (unknown bits → `_2`/`_5`/`_6` as documented per method) |
 //! | `EvtChannel*`, `EvtPacketCompletion` | [`ChannelCallbacks`], [`CompletionRoutine`] | **done** |
 //! | — | [`Kmcl::channel_state`], [`Kmcl::packet_transaction_id`], [`Kmcl::packet_completion_requested`], [`Bus::stats`] | additions for diagnostics, tests and device protocols that echo ids |
+//! | — | [`Kmcl::as_server`], [`KmclServer::server_channel_settings`], [`ServerBus::server_stats`] | additions: server-only methods from callbacks, diagnostics |
 
 pub mod api;
 pub mod bus;

@@ -73,6 +73,9 @@ pub const RELEASE_WAIT_NS: u64 = 100_000_000;
 
 /// What the server KMCL needs of the VMBus host it runs on (see the module documentation). The host signals the
 /// guest through [`GuestSignal`].
+///
+/// The [`ServerBus`] takes every event of the [`Server`] ([`Server::pop_event`]) and acts on those of its own
+/// channels; nothing else on the same server should rely on its events (the loopback's device models do not).
 pub trait ServerTransport: GuestSignal {
     /// The guest memory the rings and GPADLs live in.
     type Memory: GuestMemory;
@@ -113,7 +116,14 @@ impl ServerTransport for LoopbackBus {
         LoopbackBus::rescind(self, relid)
     }
 
+    /// Without guest memory the bus has no rings to map: an acceptance is refused with STATUS_INVALID_PARAMETER
+    /// instead (the guest must never be told its channel is open when the host has no end of it).
     fn complete_open(&self, relid: u32, status: u32) -> core::result::Result<(), ServerError> {
+        let status = if status == NtStatus::SUCCESS.0 && self.memory().is_none() {
+            NtStatus::INVALID_PARAMETER.0
+        } else {
+            status
+        };
         LoopbackBus::complete_open(self, relid, status)
     }
 
