@@ -631,3 +631,92 @@ fn sixty_four_server_channels_at_once() {
         assert_eq!(rig.guest(|g| g.channel_state(*guest_channel)), Ok(ChannelState::Closed));
     }
 }
+
+/// A server driver that answers through the guest's external buffer: it reads the request there, writes its answer
+/// 50 bytes further in, and completes with `b"done"`.
+struct ServerDma {
+    requests: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl ChannelCallbacks for ServerDma {
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn Kmcl,
+        _channel: ChannelHandle,
+        packet: PacketCompletion,
+        buffer: &[u8],
+        flags: ProcessPacketFlags,
+    ) {
+        assert_eq!(flags, ProcessPacketFlags::EXTERNAL_DATA);
+        let server = kmcl.as_server().unwrap();
+        let mut request = vec![0u8; 13];
+        server.packet_read_external_data(packet, 0, &mut request).unwrap();
+        assert_eq!(server.packet_read_external_data(packet, 95, &mut [0; 8]), Err(NtStatus::INVALID_PARAMETER_2));
+        server.packet_write_external_data(packet, 50, b"answer in place").unwrap();
+        self.requests.lock().push([&buffer[..6], &request[..]].concat());
+        kmcl.packet_complete(packet, b"done").unwrap();
+    }
+}
+
+/// A guest driver that only takes completions (it sends; nothing comes in unasked).
+struct GuestSender;
+
+impl ChannelCallbacks for GuestSender {
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn Kmcl,
+        _channel: ChannelHandle,
+        packet: PacketCompletion,
+        _buffer: &[u8],
+        _flags: ProcessPacketFlags,
+    ) {
+        kmcl.packet_complete(packet, &[]).unwrap();
+    }
+}
+
+#[test]
+fn the_server_reads_and_writes_a_guest_packets_external_data() {
+    let rig = Rig::new();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let channel = rig.server(|server| {
+        let channel = server.channel_allocate().unwrap();
+        server.channel_init_set_maximum_external_data(channel, 4096, 2).unwrap();
+        server.channel_init_set_callbacks(channel, Box::new(ServerDma { requests: Arc::clone(&requests) })).unwrap();
+        server.server_channel_init_set_target_interface_id(channel, ECHO_INTERFACE_TYPE, instance(6)).unwrap();
+        server.channel_enable(channel).unwrap();
+        channel
+    });
+    rig.pump(2);
+    let page = rig.arena.allocate(1).unwrap();
+    rig.arena.write(page * PAGE_SIZE + 16, b"read me, host").unwrap();
+    let completion = Arc::new(Mutex::new(None));
+    rig.guest(|guest| {
+        let channel = guest.channel_allocate().unwrap();
+        guest.channel_init_set_maximum_external_data(channel, 4096, 2).unwrap();
+        guest.channel_init_set_ring_buffer_page_count(channel, 4, 4).unwrap();
+        guest.channel_init_set_callbacks(channel, Box::new(GuestSender)).unwrap();
+        guest.channel_init_set_target(channel, ECHO_INTERFACE_TYPE, Some(instance(6))).unwrap();
+        guest.channel_enable(channel).unwrap();
+        assert_eq!(guest.channel_state(channel), Ok(ChannelState::Active));
+        let packet = guest.packet_allocate(channel).unwrap();
+        let seen = Arc::clone(&completion);
+        guest
+            .packet_set_completion_routine(
+                packet,
+                Box::new(move |kmcl, packet, status, payload| {
+                    *seen.lock() = Some((status, payload[..4].to_vec()));
+                    kmcl.packet_free(packet).unwrap();
+                }),
+            )
+            .unwrap();
+        let range = vmbus::kmcl::ExternalRange { byte_offset: 16, byte_count: 100, pfns: vec![page] };
+        guest.packet_send(packet, b"header", Some(&[range]), SendFlags::WAIT_FOR_COMPLETION).unwrap();
+    });
+    rig.pump(3);
+    assert_eq!(*requests.lock(), [b"headerread me, host".to_vec()]);
+    assert_eq!(*completion.lock(), Some((NtStatus::SUCCESS, b"done".to_vec())));
+    let mut answer = [0u8; 15];
+    rig.arena.read(page * PAGE_SIZE + 16 + 50, &mut answer).unwrap();
+    assert_eq!(&answer, b"answer in place");
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+}

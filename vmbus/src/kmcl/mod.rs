@@ -70,7 +70,7 @@
 //! | 18 | `VmbChannelPacketComplete` | [`Kmcl::packet_complete`] | **done** |
 //! | 19 | `VmbChannelPacketDeferToPassive` | [`Kmcl::packet_defer_to_task`] | **done** (PASSIVE_LEVEL becomes task context) |
 //! | 20 | `VmbChannelPacketFail` | [`Kmcl::packet_fail`] | **done** (stops the queue until the channel is disabled) |
-//! | 21 | `VmbChannelPacketGetExternalData` | [`Kmcl::packet_external_data`] | **done**: the GPA-direct ranges as [`ExternalRange`]s instead of an MDL; never pending (the ranges arrive with the packet) |
+//! | 21 | `VmbChannelPacketGetExternalData` | [`Kmcl::packet_external_data`] | **done**: the GPA-direct ranges as [`ExternalRange`]s instead of an MDL; never pending (the ranges arrive with the packet); a server reads and writes the bytes with [`KmclServer::packet_read_external_data`]/[`KmclServer::packet_write_external_data`], as it would through the MDL |
 //! | 22 | `VmbChannelPause` | [`Kmcl::channel_pause`] | **done**; it does not wait for outstanding incoming packets (one thread: the driver completes them in `suspend`) |
 //! | 23 | `VmbChannelSendSynchronousRequest` | [`Kmcl::channel_send_synchronous_request`] | **done** (timeout → `CANCELLED`, as Windows cancels the packet at its timeout) |
 //! | 24 | `VmbChannelSetIncomingProcessingAtPassive` | [`Kmcl::channel_set_incoming_processing_in_task`] | **done** (IRQL becomes interrupt vs task context) |

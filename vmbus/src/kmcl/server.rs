@@ -58,7 +58,7 @@ use super::packet::PacketCompletion;
 use super::status::{NtStatus, Result};
 use crate::client::Offer;
 use crate::memory::{GuestMemory, MemoryError, PageArena};
-use crate::protocol::{Guid, OfferFlags, PIPE_MODE_BYTE, PIPE_MODE_MESSAGE, USER_DEFINED_SIZE};
+use crate::protocol::{GpadlRange, Guid, OfferFlags, PIPE_MODE_BYTE, PIPE_MODE_MESSAGE, USER_DEFINED_SIZE};
 use crate::ring::{OutgoingPacket, RingError, SpaceRequest};
 use crate::server::{
     EndpointError, GuestSignal, LoopbackBus, MapGpadlFlags, MappedGpadl, OfferSpec, ReceivedPacket, Server,
@@ -655,6 +655,16 @@ pub trait KmclServer: Kmcl {
     fn channel_write_mapped_gpadl(&mut self, channel: ChannelHandle, gpadl: u32, offset: u64, src: &[u8])
     -> Result<()>;
 
+    /// Reads `dst.len()` bytes at `offset` of an incoming packet's external data (its GPA-direct ranges, one after the
+    /// other): what a Windows server does through the MDL of `VmbChannelPacketGetExternalData`. `_1` stale packet;
+    /// [`NtStatus::NOT_FOUND`] the packet has no external data; `_2` outside the data;
+    /// [`NtStatus::INVALID_USER_BUFFER`] the guest named pages outside its memory.
+    fn packet_read_external_data(&self, packet: PacketCompletion, offset: u64, dst: &mut [u8]) -> Result<()>;
+
+    /// Writes `src` at `offset` of an incoming packet's external data (the guest's buffer for the answer). Statuses
+    /// as [`KmclServer::packet_read_external_data`].
+    fn packet_write_external_data(&mut self, packet: PacketCompletion, offset: u64, src: &[u8]) -> Result<()>;
+
     /// `VmbChannelSaveBegin`: [`NtStatus::NOT_SUPPORTED`] (`_1` for a bad handle). Save and restore exist for a
     /// Windows host servicing its VM worker process or VSP drivers while the guest runs: the state saved crosses a
     /// restart of the server code. This crate's server lives in the same address space as the code that would
@@ -679,6 +689,27 @@ impl<S: ServerTransport> ServerBus<S> {
     fn mapped(&self, channel: ChannelHandle, gpadl: u32) -> Result<&MappedGpadl> {
         let c = self.chan(channel)?;
         c.extra.mapped.iter().find(|m| m.handle == gpadl).ok_or(NtStatus::INVALID_PARAMETER_2)
+    }
+}
+
+/// The external data of an incoming packet as a mapping (its ranges one after the other), and the guest memory.
+fn external_mapping<S: ServerTransport>(
+    bus: &ServerBus<S>,
+    packet: PacketCompletion,
+) -> Result<(MappedGpadl, &S::Memory)> {
+    let ranges = bus.packet_external_data(packet)?;
+    let memory = bus.backend.transport.memory().ok_or(NtStatus::INVALID_DEVICE_STATE)?;
+    let ranges = ranges
+        .into_iter()
+        .map(|r| GpadlRange { byte_offset: r.byte_offset, byte_count: r.byte_count, pfns: r.pfns })
+        .collect();
+    Ok((MappedGpadl { relid: 0, handle: 0, ranges, writable: true }, memory))
+}
+
+fn external_status(error: MemoryError) -> NtStatus {
+    match error {
+        MemoryError::OutsideBuffer { .. } => NtStatus::INVALID_PARAMETER_2,
+        _ => NtStatus::INVALID_USER_BUFFER,
     }
 }
 
@@ -804,6 +835,16 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         let mapped = self.mapped(channel, gpadl)?;
         let memory = self.backend.transport.memory().ok_or(NtStatus::INVALID_DEVICE_STATE)?;
         mapped.write(memory, offset, src).map_err(memory_status)
+    }
+
+    fn packet_read_external_data(&self, packet: PacketCompletion, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let (mapping, memory) = external_mapping(self, packet)?;
+        mapping.read(memory, offset, dst).map_err(external_status)
+    }
+
+    fn packet_write_external_data(&mut self, packet: PacketCompletion, offset: u64, src: &[u8]) -> Result<()> {
+        let (mapping, memory) = external_mapping(self, packet)?;
+        mapping.write(memory, offset, src).map_err(external_status)
     }
 
     fn channel_save_begin(&mut self, channel: ChannelHandle) -> Result<()> {
