@@ -15,8 +15,8 @@ use vmbus::hv::hypercall::{Delay, HvError, Hypercalls};
 use vmbus::kmcl::echo::{ECHO_INTERFACE_TYPE, ECHO_VERSION, EchoDriver, EchoState};
 use vmbus::kmcl::{
     Bus, ChannelCallbacks, ChannelHandle, ChannelState, ContextId, GpadlFlags, Handles, KernelHandle, KernelObject,
-    Kmcl, KmclServer, NtStatus, PacketCompletion, PartitionId, ProcessPacketFlags, SendFlags, ServerBus,
-    ServerChannelFlags, VmbusPartition,
+    Kmcl, KmclServer, NtStatus, PacketCompletion, PacketSaveRestore, PartitionId, ProcessPacketFlags, RestoreProgress,
+    SaveProgress, SendFlags, ServerBus, ServerChannelFlags, VmbusPartition,
 };
 use vmbus::memory::{ArenaInterruptPages, ArenaRingAllocator, GuestMemory, PAGE_SIZE, PageArena};
 use vmbus::protocol::{Guid, MAX_MESSAGE_SIZE, OfferFlags, PIPE_MODE_MESSAGE};
@@ -503,13 +503,23 @@ fn every_server_only_rule_returns_its_documented_status() {
         assert!(spec.confirm_opens, "the bus answers opens itself");
         assert_eq!(server.server_channel_settings(channel).unwrap().mmio_megabytes, (16, 32));
 
-        // Save and restore are not supported (and never pretend to succeed).
-        assert_eq!(server.server_channel_init_set_save_restore_packet_callbacks(channel), Err(NtStatus::NOT_SUPPORTED));
-        assert_eq!(server.channel_save_begin(channel), Err(NtStatus::NOT_SUPPORTED));
-        assert_eq!(server.channel_save_continue(channel, &mut [0; 64]), Err(NtStatus::NOT_SUPPORTED));
-        assert_eq!(server.channel_save_end(channel), Err(NtStatus::NOT_SUPPORTED));
-        assert_eq!(server.channel_restore_from_buffer(channel, &[0; 64]), Err(NtStatus::NOT_SUPPORTED));
-        assert_eq!(server.packet_restore(channel, &[0; 64]), Err(NtStatus::NOT_SUPPORTED));
+        // Save and restore: the state rules (the round trip has its own test).
+        assert_eq!(server.channel_save_continue(channel, &mut [0; 64]), Err(NtStatus::INVALID_PARAMETER_1), "no save");
+        assert_eq!(server.channel_save_end(channel), Err(NtStatus::INVALID_PARAMETER_1));
+        server.channel_save_begin(channel).unwrap();
+        assert_eq!(server.channel_save_begin(channel), Err(NtStatus::INVALID_PARAMETER_1), "one save at a time");
+        assert_eq!(server.channel_save_continue(channel, &mut [0; 63]), Err(NtStatus::BUFFER_TOO_SMALL));
+        server.channel_save_end(channel).unwrap();
+        assert_eq!(server.packet_restore(channel, &[0; 16]), Err(NtStatus::INVALID_PARAMETER_1), "outside a restore");
+        assert_eq!(server.channel_restore_from_buffer(channel, b"KMCLSAV1"), Err(NtStatus::INVALID_PARAMETER_1));
+        let fresh = server.channel_allocate().unwrap();
+        assert_eq!(
+            server.channel_restore_from_buffer(fresh, b"not a saved channel"),
+            Err(NtStatus::INVALID_PARAMETER_2)
+        );
+        assert_eq!(server.channel_restore_from_buffer(fresh, &[]), Err(NtStatus::INVALID_PARAMETER_2));
+        assert_eq!(server.channel_save_begin(fresh), Err(NtStatus::INVALID_PARAMETER_1), "nothing offered to save");
+        server.channel_cleanup(fresh).unwrap();
 
         // A stale channel handle is `_1` everywhere.
         server.channel_disable(channel).unwrap();
@@ -719,4 +729,231 @@ fn the_server_reads_and_writes_a_guest_packets_external_data() {
     rig.arena.read(page * PAGE_SIZE + 16 + 50, &mut answer).unwrap();
     assert_eq!(&answer, b"answer in place");
     assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+}
+
+/// What the holding server driver saw and holds.
+#[derive(Default)]
+struct HoldState {
+    events: Vec<String>,
+    /// Packets it holds uncompleted, with their payloads.
+    held: Vec<(PacketCompletion, Vec<u8>)>,
+}
+
+/// A server driver that answers the echo hello, holds packets starting with `"hold"` and echoes the rest as their
+/// completions.
+struct Holder {
+    state: Arc<Mutex<HoldState>>,
+}
+
+impl ChannelCallbacks for Holder {
+    fn opened(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) -> vmbus::kmcl::Result<()> {
+        self.state.lock().events.push("opened".into());
+        Ok(())
+    }
+
+    fn started(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.state.lock().events.push("started".into());
+    }
+
+    fn post_started(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.state.lock().events.push("post_started".into());
+    }
+
+    fn suspend(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.state.lock().events.push("suspend".into());
+    }
+
+    fn closed(&mut self, _kmcl: &mut dyn Kmcl, _channel: ChannelHandle) {
+        self.state.lock().events.push("closed".into());
+    }
+
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn Kmcl,
+        _channel: ChannelHandle,
+        packet: PacketCompletion,
+        buffer: &[u8],
+        _flags: ProcessPacketFlags,
+    ) {
+        if buffer.starts_with(b"hold") {
+            self.state.lock().held.push((packet, buffer.to_vec()));
+        } else if buffer.starts_with(b"ECHO") {
+            kmcl.packet_complete(packet, &u64::from(ECHO_VERSION).to_le_bytes()).unwrap();
+        } else {
+            kmcl.packet_complete(packet, buffer).unwrap();
+        }
+    }
+}
+
+/// The holding driver's part of a save: the payload of each held packet.
+struct HolderSaves {
+    state: Arc<Mutex<HoldState>>,
+}
+
+impl PacketSaveRestore for HolderSaves {
+    fn save_packet(&mut self, _channel: ChannelHandle, packet: PacketCompletion) -> Vec<u8> {
+        let state = self.state.lock();
+        state.held.iter().find(|(held, _)| *held == packet).map(|(_, payload)| payload.clone()).unwrap()
+    }
+
+    fn restore_packet(
+        &mut self,
+        server: &mut dyn KmclServer,
+        channel: ChannelHandle,
+        library_data: &[u8],
+        driver_data: &[u8],
+    ) {
+        let packet = server.packet_restore(channel, library_data).unwrap();
+        let mut state = self.state.lock();
+        state.events.push("restore_packet".into());
+        state.held.push((packet, driver_data.to_vec()));
+    }
+}
+
+fn holding_channel(server: &mut Server, state: &Arc<Mutex<HoldState>>) -> ChannelHandle {
+    let channel = server.channel_allocate().unwrap();
+    server.channel_init_set_callbacks(channel, Box::new(Holder { state: Arc::clone(state) })).unwrap();
+    server
+        .server_channel_init_set_save_restore_packet_callbacks(
+            channel,
+            Box::new(HolderSaves { state: Arc::clone(state) }),
+        )
+        .unwrap();
+    channel
+}
+
+/// A guest send with `WAIT_FOR_COMPLETION` whose completion lands in `done`.
+fn guest_send(guest: &mut Guest, channel: ChannelHandle, payload: &[u8], done: &Arc<Mutex<Vec<Vec<u8>>>>) {
+    let packet = guest.packet_allocate(channel).unwrap();
+    let done = Arc::clone(done);
+    guest
+        .packet_set_completion_routine(
+            packet,
+            Box::new(move |kmcl, packet, status, payload| {
+                assert_eq!(status, NtStatus::SUCCESS);
+                done.lock().push(payload.to_vec());
+                kmcl.packet_free(packet).unwrap();
+            }),
+        )
+        .unwrap();
+    guest.packet_send(packet, payload, None, SendFlags::WAIT_FOR_COMPLETION).unwrap();
+}
+
+#[test]
+fn a_saved_channel_is_restored_on_a_new_server_bus_while_the_guest_keeps_it_open() {
+    let rig = Rig::new();
+    let before = Arc::new(Mutex::new(HoldState::default()));
+    let channel = rig.server(|server| {
+        let channel = holding_channel(server, &before);
+        server.server_channel_init_set_target_interface_id(channel, ECHO_INTERFACE_TYPE, instance(7)).unwrap();
+        server.server_channel_init_set_mmio_megabytes(channel, 4, 8).unwrap();
+        server.channel_init_set_friendly_name(channel, "saved holder").unwrap();
+        server.channel_enable(channel).unwrap();
+        channel
+    });
+    rig.pump(2);
+    let (guest_channel, echo) = rig.start_echo(instance(7));
+    rig.pump(2);
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION));
+    let relid = rig.server(|s| s.channel_relid(channel)).unwrap();
+
+    // One packet held by the driver, then (paused) one waiting in the backlog.
+    let done = Arc::new(Mutex::new(Vec::new()));
+    rig.guest(|g| guest_send(g, guest_channel, b"hold me", &done));
+    rig.pump(2);
+    assert_eq!(before.lock().held.len(), 1);
+    rig.server(|s| s.channel_pause(channel)).unwrap();
+    rig.guest(|g| guest_send(g, guest_channel, b"queued while paused", &done));
+    rig.pump(2);
+    assert!(done.lock().is_empty(), "nothing completed yet");
+
+    // Save in 64-byte chunks, end, release the channel without rescinding it.
+    let mut saved = Vec::new();
+    let chunks = rig.server(|server| {
+        server.channel_save_begin(channel).unwrap();
+        let mut chunks = 0;
+        loop {
+            let mut buffer = [0u8; 64];
+            chunks += 1;
+            match server.channel_save_continue(channel, &mut buffer).unwrap() {
+                SaveProgress::More(n) => saved.extend_from_slice(&buffer[..n]),
+                SaveProgress::Done(n) => {
+                    saved.extend_from_slice(&buffer[..n]);
+                    break;
+                }
+            }
+        }
+        server.channel_save_end(channel).unwrap();
+        server.channel_disable(channel).unwrap();
+        server.channel_cleanup(channel).unwrap();
+        chunks
+    });
+    assert!(chunks > 2, "{} bytes in {chunks} chunks", saved.len());
+    assert_eq!(before.lock().events.last().map(String::as_str), Some("closed"));
+    let summary = rig.loopback.with_server(|s| s.channel(relid)).unwrap();
+    assert_eq!((summary.status, summary.rescinded), (ChannelStatus::Open, false), "the guest keeps its channel");
+    assert_eq!(rig.guest(|g| g.channel_state(guest_channel)), Ok(ChannelState::Active));
+
+    // A new server bus (the driver restarted) takes the channel over from the saved bytes, fed in other pieces.
+    let server = ServerBus::new(rig.loopback, Arc::clone(&rig.handles));
+    *rig.server.lock() = Some(server);
+    let hook_guest = Arc::clone(&rig.guest);
+    let loopback = rig.loopback;
+    rig.server(|s| s.set_idle_hook(Some(Box::new(move || guest_turn(loopback, &hook_guest)))));
+    let after = Arc::new(Mutex::new(HoldState::default()));
+    let restored = rig.server(|server| {
+        let channel = holding_channel(server, &after);
+        let pieces: Vec<&[u8]> = saved.chunks(50).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let progress = server.channel_restore_from_buffer(channel, piece).unwrap();
+            let last = i + 1 == pieces.len();
+            assert_eq!(progress, if last { RestoreProgress::Done } else { RestoreProgress::MoreChunks });
+        }
+        let settings = server.server_channel_settings(channel).unwrap();
+        assert_eq!(settings.mmio_megabytes, (4, 8));
+        server.channel_enable(channel).unwrap();
+        channel
+    });
+    assert_eq!(after.lock().events, strings(&["restore_packet", "started", "post_started"]), "no second Opened");
+    assert_eq!(rig.server(|s| s.channel_relid(restored)), Ok(relid), "the same offer, not a new one");
+    assert_eq!(rig.server(|s| s.channel_state(restored)), Ok(ChannelState::Active));
+    assert_eq!(rig.server(|s| s.server_stats().restored_opens), 1);
+    rig.pump(2);
+    assert_eq!(done.lock().len(), 1);
+    assert!(done.lock()[0].starts_with(b"queued while paused"), "the backlog was delivered again and echoed");
+
+    // The restored driver finishes the packet it held before the restart.
+    let (held, payload) = after.lock().held.pop().unwrap();
+    assert!(payload.starts_with(b"hold me"));
+    rig.server(|s| s.packet_complete(held, b"finally")).unwrap();
+    rig.pump(2);
+    assert_eq!(done.lock().len(), 2);
+    assert!(done.lock()[1].starts_with(b"finally"));
+
+    // Traffic goes on both ways.
+    let mut answer = [0u8; 8];
+    let len = rig.guest(|g| EchoDriver::ping(g, guest_channel, b"still?", &mut answer)).unwrap();
+    assert_eq!(&answer[..len.min(6)], b"still?");
+    let mut answer = [0u8; 8];
+    rig.server(|s| {
+        s.channel_send_synchronous_request(
+            restored,
+            b"and you",
+            None,
+            SendFlags::WAIT_FOR_COMPLETION,
+            Some(&mut answer),
+            Some(50_000_000),
+        )
+    })
+    .unwrap();
+    assert_eq!(&answer[..7], b"and you");
+    assert_eq!(rig.server(|s| s.stats().unknown_completions), 0);
+
+    // A second restore of the same bytes finds the offer taken.
+    rig.server(|server| {
+        let state = Arc::new(Mutex::new(HoldState::default()));
+        let channel = holding_channel(server, &state);
+        assert_eq!(server.channel_restore_from_buffer(channel, &saved), Ok(RestoreProgress::Done));
+        assert_eq!(server.channel_enable(channel), Err(NtStatus::NOT_FOUND));
+    });
 }

@@ -155,6 +155,20 @@ struct SentPacket {
     in_flight: bool,
 }
 
+/// An incoming packet as a server channel's save keeps it (`kmcl::server`): its header facts, payload and external
+/// ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SavedPacket {
+    pub(super) transaction_id: u64,
+    pub(super) completion_requested: bool,
+    pub(super) payload: Vec<u8>,
+    pub(super) external: Vec<ExternalRange>,
+}
+
+/// What a save takes of a channel's packets: the read and undelivered ones, the delivered and uncompleted ones
+/// (with their handles), and the next transaction id.
+pub(super) type PacketsToSave = (Vec<SavedPacket>, Vec<(PacketCompletion, SavedPacket)>, u64);
+
 /// An incoming packet delivered and not yet completed.
 struct IncomingRecord {
     transaction_id: u64,
@@ -630,6 +644,71 @@ impl<B: Backend> Engine<B> {
     /// The counters, to add to.
     pub(super) fn stats_mut(&mut self) -> &mut BusStats {
         &mut self.stats
+    }
+
+    /// The channel's packets as a save sees them: the incoming packets read and not yet delivered (in order), the
+    /// delivered ones not yet completed (their handles), and the next transaction id.
+    pub(super) fn packets_to_save(&self, channel: ChannelHandle) -> Result<PacketsToSave> {
+        let c = self.chan(channel)?;
+        let backlog = c
+            .backlog
+            .iter()
+            .map(|r| SavedPacket {
+                transaction_id: r.transaction_id,
+                completion_requested: r.completion_requested,
+                payload: r.payload.clone(),
+                external: r.external.clone(),
+            })
+            .collect();
+        let delivered = c
+            .incoming
+            .keys()
+            .into_iter()
+            .filter_map(|(index, generation)| {
+                let r = c.incoming.get(index, generation)?;
+                let saved = SavedPacket {
+                    transaction_id: r.transaction_id,
+                    completion_requested: r.completion_requested,
+                    payload: Vec::new(),
+                    external: r.external.clone(),
+                };
+                Some((PacketCompletion { channel, index, generation }, saved))
+            })
+            .collect();
+        Ok((backlog, delivered, c.next_transaction_id))
+    }
+
+    /// Puts saved packets back: `backlog` at the end of the channel's incoming queue (delivered again through
+    /// `process_packet`), and the transaction ids continue from `next_transaction_id`.
+    pub(super) fn restore_backlog(
+        &mut self,
+        channel: ChannelHandle,
+        backlog: Vec<SavedPacket>,
+        next_transaction_id: u64,
+    ) -> Result<()> {
+        let c = self.chan_mut(channel)?;
+        c.next_transaction_id = next_transaction_id.max(1);
+        c.backlog.extend(backlog.into_iter().map(|p| Received {
+            task_only: false,
+            transaction_id: p.transaction_id,
+            completion_requested: p.completion_requested,
+            payload: p.payload,
+            external: p.external,
+        }));
+        Ok(())
+    }
+
+    /// Recreates a delivered, not yet completed incoming packet (`VmbPacketRestore`).
+    pub(super) fn restore_incoming(&mut self, channel: ChannelHandle, packet: SavedPacket) -> Result<PacketCompletion> {
+        let c = self.chan_mut(channel)?;
+        let record = IncomingRecord {
+            transaction_id: packet.transaction_id,
+            completion_requested: packet.completion_requested,
+            external: packet.external,
+            client_context: vec![0; c.settings.client_context_size as usize],
+        };
+        let (index, generation) = c.incoming.insert(record).ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
+        Ok(PacketCompletion { channel, index, generation })
     }
 
     /// The channel, for a function only client channels take: `_1` for a server channel.

@@ -43,9 +43,8 @@
 //!
 //! # Mapping of the Windows API
 //! Status: **done** (built and covered by tests in `kmcl::tests`; the server side by `vmbus/tests/kmcl_server.rs`),
-//! **planned: `<where>`** (the intended Rust name and module, to be built), **not supported: …** (the call exists and
-//! fails with [`NtStatus::NOT_SUPPORTED`], for the reason given) or **no counterpart: …** (what a unikernel driver
-//! uses instead).
+//! **planned: `<where>`** (the intended Rust name and module, to be built), or **no counterpart: …** (what a
+//! unikernel driver uses instead).
 //!
 //! ## Client interface (`KMCL_CLIENT_INTERFACE_V1`, 41 entries in interface order)
 //! | # | Windows | Rust ([`Kmcl`] methods) | status |
@@ -102,16 +101,16 @@
 //! |---|---|---|
 //! | `VmbChannelMapGpadl` | [`KmclServer::channel_map_gpadl`] | **done**: the ranges ([`crate::server::MappedGpadl`]) instead of an MDL, bytes through [`KmclServer::channel_read_mapped_gpadl`]/[`KmclServer::channel_write_mapped_gpadl`]; `READ_ONLY`, a writable mapping of a read-only GPADL is `ACCESS_DENIED`, one mapping at a time, and the guest's `channel_delete_gpadl` waits until unmapped (GPADLs left mapped at `closed` are unmapped by the bus and counted) |
 //! | `VmbChannelUnmapGpadl` | [`KmclServer::channel_unmap_gpadl`] | **done** (`_3` when not mapped) |
-//! | `VmbChannelSaveBegin` | [`KmclServer::channel_save_begin`] | not supported: save and restore carry a channel across a restart of Windows' server code (VM worker process or VSP servicing) while the guest runs; this crate's server has no such restart — nothing survives to restore into — so the call fails with `NOT_SUPPORTED` rather than pretend |
-//! | `VmbChannelSaveContinue` | [`KmclServer::channel_save_continue`] | not supported (as `SaveBegin`) |
-//! | `VmbChannelSaveEnd` | [`KmclServer::channel_save_end`] | not supported (as `SaveBegin`) |
-//! | `VmbChannelRestoreFromBuffer` | [`KmclServer::channel_restore_from_buffer`] | not supported (as `SaveBegin`) |
-//! | `VmbPacketRestore` | [`KmclServer::packet_restore`] | not supported (as `SaveBegin`) |
+//! | `VmbChannelSaveBegin` | [`KmclServer::channel_save_begin`] | **done** ([`server::save`]): a snapshot of an offered-and-closed or paused channel — settings, offer, open, packets read and not delivered, and delivered ones not completed (the driver adds its part through [`PacketSaveRestore`]); sends in flight are not saved (their routines are code) |
+//! | `VmbChannelSaveContinue` | [`KmclServer::channel_save_continue`] | **done**: chunks into caller buffers; "more to save" is [`SaveProgress::More`] ([`NtStatus::BUFFER_OVERFLOW`] on Windows), `BUFFER_TOO_SMALL` under [`server::save::SAVE_MIN_CHUNK`] bytes |
+//! | `VmbChannelSaveEnd` | [`KmclServer::channel_save_end`] | **done**: after a complete save, `channel_disable` releases the channel without rescinding it, so the guest keeps its channel |
+//! | `VmbChannelRestoreFromBuffer` | [`KmclServer::channel_restore_from_buffer`] | **done**: chunks of any size into a new disabled channel (on a new [`ServerBus`] over the same host); "more chunks" is [`RestoreProgress::MoreChunks`] ([`NtStatus::MORE_PROCESSING_REQUIRED`] on Windows); malformed bytes `_2`; `channel_enable` then takes the saved offer and open over (rings mapped again, undelivered packets queued, outstanding ones restored, Started → PostStarted) |
+//! | `VmbPacketRestore` | [`KmclServer::packet_restore`] | **done**: inside [`PacketSaveRestore::restore_packet`], the outstanding packet back as a [`PacketCompletion`] to complete |
 //! | `VmbConvertVmbusHandleToKernelHandle` | [`Handles::vmb_convert_vmbus_handle_to_kernel_handle`] | **done**: [`handle`] (the calling context is an explicit argument; the kernel handle is closed with [`Handles::close_kernel_handle`]) |
 //! | `VmbServerChannelInitSetVmbusHandle` | [`KmclServer::server_channel_init_set_vmbus_handle`] | **done**: resolved with [`Handles::resolve_partition`] in the [`Handles`] the bus was made with (`INVALID_HANDLE` closed/forged, `OBJECT_TYPE_MISMATCH` not a partition); the partition is recorded ([`KmclServer::server_channel_partition`]); one transport serves one guest, so it does not route the offer |
 //! | `VmbServerChannelInitSetFlags` | [`KmclServer::server_channel_init_set_flags`] ([`ServerChannelFlags`]) | **done**: `_2` for unknown bits; `LOOPBACK_OFFER`, `ENUMERATE_DEVICE_INTERFACE`, `OFFER_AS_PIPE` (named-pipe offer, pipe mode first in the user data), `TLNPI_PROVIDER_OFFER` become offer flags; `FORCE_NEW_CHANNEL` is recorded and changes nothing (every enable is a new offer) |
 //! | `VmbServerChannelInitSetMmioMegabytes` | [`KmclServer::server_channel_init_set_mmio_megabytes`] | **done** (`INVALID_PARAMETER` when both 0; the offer carries the required amount, the optional one is recorded: the crate's OFFERCHANNEL keeps that field reserved) |
-//! | `VmbServerChannelInitSetSaveRestorePacketCallbacks` | [`KmclServer::server_channel_init_set_save_restore_packet_callbacks`] | not supported (as `SaveBegin`) |
+//! | `VmbServerChannelInitSetSaveRestorePacketCallbacks` | [`KmclServer::server_channel_init_set_save_restore_packet_callbacks`] | **done** ([`PacketSaveRestore`]: `save_packet`, `restore_packet`) |
 //! | `VmbServerChannelInitSetTargetInterfaceId` | [`KmclServer::server_channel_init_set_target_interface_id`] | **done** (required before `channel_enable`) |
 //! | `VmbServerChannelInitSetTargetVtl` | [`KmclServer::server_channel_init_set_target_vtl`] | **done** for VTL 0; other VTLs `_2`: the crate's server has one guest connection, VTL 0's |
 //! | (offer user data, 120 bytes) | [`KmclServer::server_channel_init_set_offer_user_data`], [`KmclServer::server_channel_init_set_pipe_mode`] | **done**, additions (Windows has no function of its own for them) |
@@ -172,7 +171,9 @@ pub use handle::{
     ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle, VmbusPartition,
 };
 pub use packet::{CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags};
+pub use server::save::{PacketSaveRestore, RestoreProgress, SaveProgress};
 pub use server::{
-    KmclServer, ServerBackend, ServerBus, ServerBusStats, ServerChannelFlags, ServerChannelSettings, ServerTransport,
+    KmclServer, ServerBackend, ServerBus, ServerBusStats, ServerChannelFlags, ServerChannelSettings, ServerChannelState,
+    ServerTransport,
 };
 pub use status::{NtStatus, Result, Severity};

@@ -314,6 +314,26 @@ impl LoopbackBus {
         self.glue.lock().endpoints.get_mut(&relid)?.endpoint.take()
     }
 
+    /// A new host end of open channel `relid` over its rings as they stand (the indices are read back from the
+    /// control pages), for an owner that dropped its endpoint and starts again — a restored KMCL server channel
+    /// (`vmbus::kmcl::server`). The bus closes it when the channel closes, and closes the previous end if one is
+    /// still held. `None` without memory, for a channel that is not open, or when the rings no longer map.
+    pub fn remap_endpoint(&self, relid: u32) -> Option<ServerEndpoint<PageArena>> {
+        let server = self.server.lock();
+        let info = server.open_channel_info(relid)?;
+        let endpoint = ServerEndpoint::new(info, self.memory.as_ref()?.clone()).ok()?;
+        let slot = EndpointSlot {
+            closer: endpoint.closer(),
+            endpoint: None,
+            open_id: info.open_id,
+            ring_gpadl: info.ring_gpadl,
+        };
+        if let Some(old) = self.glue.lock().endpoints.insert(relid, slot) {
+            old.closer.close();
+        }
+        Some(endpoint)
+    }
+
     /// The channels the guest signalled since the last call, in ascending relid order: which rings the host should
     /// look at. A channel counts as signalled when the guest called HvSignalEvent on its offer's connection id, or
     /// — for a monitored channel on a bus with memory — set its pending bit in monitor page 2 (§9), which this

@@ -46,14 +46,17 @@
 //! As on the client (`_n` = the n-th parameter of the Windows function; a bad handle or the wrong state `_1`).
 //! Client-only functions on a server channel (`channel_init_set_ring_buffer_page_count`, `channel_init_set_target`,
 //! `channel_init_set_target_vp`, and GPADL creation: the guest owns the memory GPADLs describe) return `_1`.
-//! Save and restore ([`KmclServer::channel_save_begin`] and the rest) return [`NtStatus::NOT_SUPPORTED`]: see
-//! there.
+//!
+//! # Save and restore
+//! [`save`]: a server channel's state into caller buffers in chunks, and back into a channel of a new bus that takes
+//! the offer (and the guest's open) over — for a server driver that restarts while the guest keeps its channel.
 
 use super::api::Kmcl;
-use super::bus::{Backend, EndError, Engine};
+use super::bus::{Backend, EndError, Engine, KmclChannel, MAX_FRIENDLY_NAME_LEN};
 use super::channel::{ChannelHandle, ChannelState, TargetInterface};
+use super::channel::{MAX_CLIENT_CONTEXT_SIZE, MAX_EXTERNAL_CHAIN_LENGTH, MAX_PACKET_SIZE_LIMIT};
 use super::gpadl::{GpadlFlags, GpadlHandle};
-use super::handle::{Handles, KernelHandle, PartitionId, VmbusPartition};
+use super::handle::{Handles, KernelHandle, PartitionId};
 use super::packet::PacketCompletion;
 use super::status::{NtStatus, Result};
 use crate::client::Offer;
@@ -64,12 +67,17 @@ use crate::server::{
     EndpointError, GuestSignal, LoopbackBus, MapGpadlFlags, MappedGpadl, OfferSpec, ReceivedPacket, Server,
     ServerEndpoint, ServerError, ServerEvent,
 };
+use alloc::boxed::Box;
 use alloc::collections::{BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 /// How long `channel_disable` waits for the guest's RELID_RELEASED after the rescind (transport time).
 pub const RELEASE_WAIT_NS: u64 = 100_000_000;
+
+pub mod save;
+
+use save::{PacketSaveRestore, RestoreProgress, SAVE_MIN_CHUNK, SaveProgress, SavedChannel};
 
 /// What the server KMCL needs of the VMBus host it runs on (see the module documentation). The host signals the
 /// guest through [`GuestSignal`].
@@ -92,6 +100,9 @@ pub trait ServerTransport: GuestSignal {
     fn complete_open(&self, relid: u32, status: u32) -> core::result::Result<(), ServerError>;
     /// The host's end of open channel `relid`, once per open.
     fn take_endpoint(&self, relid: u32) -> Option<ServerEndpoint<Self::Memory>>;
+    /// A new host end of open channel `relid` over its rings as they stand, for a restored channel (the previous
+    /// end was dropped with the saved channel).
+    fn remap_endpoint(&self, relid: u32) -> Option<ServerEndpoint<Self::Memory>>;
     /// The guest memory (to read and write mapped GPADLs), if the transport has one.
     fn memory(&self) -> Option<&Self::Memory>;
     /// A monotonic clock in nanoseconds.
@@ -131,6 +142,10 @@ impl ServerTransport for LoopbackBus {
         LoopbackBus::take_endpoint(self, relid)
     }
 
+    fn remap_endpoint(&self, relid: u32) -> Option<ServerEndpoint<PageArena>> {
+        LoopbackBus::remap_endpoint(self, relid)
+    }
+
     fn memory(&self) -> Option<&PageArena> {
         LoopbackBus::memory(self)
     }
@@ -165,6 +180,10 @@ impl<T: ServerTransport + ?Sized> ServerTransport for &T {
 
     fn take_endpoint(&self, relid: u32) -> Option<ServerEndpoint<T::Memory>> {
         (**self).take_endpoint(relid)
+    }
+
+    fn remap_endpoint(&self, relid: u32) -> Option<ServerEndpoint<T::Memory>> {
+        (**self).remap_endpoint(relid)
     }
 
     fn memory(&self) -> Option<&T::Memory> {
@@ -225,22 +244,41 @@ impl ServerChannelFlags {
 }
 
 /// The settings only a server channel has (the `VmbServerChannelInitSet*` values), fixed at `channel_enable`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerChannelSettings {
     /// `VmbServerChannelInitSetFlags`.
     pub flags: ServerChannelFlags,
     /// `VmbServerChannelInitSetMmioMegabytes`: (required, optional) MiB.
     pub mmio_megabytes: (u16, u16),
     /// `VmbServerChannelInitSetVmbusHandle`: the partition the channel is offered to.
-    pub partition: Option<Arc<VmbusPartition>>,
+    pub partition: Option<PartitionId>,
     /// `VmbServerChannelInitSetTargetVtl`.
     pub target_vtl: u8,
     /// The offer's user data (after the pipe mode for a pipe offer).
     pub user_data: Vec<u8>,
     /// The pipe mode of a pipe offer ([`PIPE_MODE_BYTE`] by default).
     pub pipe_mode: u32,
+}
+
+/// What a server channel keeps besides the common channel state ([`Backend::Extra`] of the [`ServerBackend`]):
+/// its server-only settings, the GPADLs it mapped, and save/restore in progress. Opaque.
+#[derive(Default)]
+pub struct ServerChannelState {
+    settings: ServerChannelSettings,
     /// GPADLs mapped through this channel now.
     mapped: Vec<MappedGpadl>,
+    /// The driver's packet save/restore callbacks.
+    packet_callbacks: Option<Box<dyn PacketSaveRestore>>,
+    /// A save in progress: the saved bytes and how many were handed out.
+    save: Option<(Vec<u8>, usize)>,
+    /// The whole save was handed out and ended: `channel_disable` lets the channel go without rescinding it.
+    saved: bool,
+    /// Chunks of a restore, until complete.
+    restore_buffer: Vec<u8>,
+    /// A complete restore, for `channel_enable` to take over.
+    restored: Option<SavedChannel>,
+    /// `packet_restore` is allowed (inside `restore_packet` callbacks).
+    restoring: bool,
 }
 
 impl ServerChannelSettings {
@@ -277,6 +315,8 @@ pub struct ServerBusStats {
     pub guest_closes: u64,
     /// Rescinds whose RELID_RELEASED did not come within [`RELEASE_WAIT_NS`].
     pub unreleased_rescinds: u64,
+    /// Restored channels that took over an open channel.
+    pub restored_opens: u64,
 }
 
 /// The host's end for the KMCL engine (see the module documentation).
@@ -367,6 +407,77 @@ impl<S: ServerTransport> ServerBackend<S> {
         engine.start_sequence(channel);
     }
 
+    /// `channel_enable` of a restored channel: takes the saved offer over (and the open, if the guest still has it
+    /// with the same rings) instead of offering anew.
+    fn enable_restored(engine: &mut Engine<Self>, channel: ChannelHandle, saved: SavedChannel) -> Result<()> {
+        let c = engine.chan(channel)?;
+        if !saved.delivered.is_empty() && c.extra.packet_callbacks.is_none() {
+            engine.chan_mut(channel)?.extra.restored = Some(saved);
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
+        let relid = saved.relid;
+        let (summary, spec, open) = engine.backend.transport.with_server(|server| {
+            let open = server.open_channel_info(relid).map(|info| (info.open_id, info.ring_gpadl));
+            (server.channel(relid), server.offer_spec(relid).cloned(), open)
+        });
+        let (Some(summary), Some(spec)) = (summary, spec) else { return Err(NtStatus::NOT_FOUND) };
+        if summary.rescinded
+            || spec.interface_type != saved.interface_type
+            || spec.interface_instance != saved.interface_instance
+            || engine.find_offered(relid).is_some()
+        {
+            return Err(NtStatus::NOT_FOUND);
+        }
+        engine.backend.released.remove(&relid);
+        let c = engine.chan_mut(channel)?;
+        c.offer = Some(Offer {
+            interface_type: spec.interface_type,
+            interface_instance: spec.interface_instance,
+            child_relid: relid,
+            connection_id: summary.connection_id,
+            flags: spec.flags,
+            mmio_megabytes: spec.mmio_megabytes,
+            user_defined: spec.user_defined,
+            sub_channel_index: spec.sub_channel_index,
+            monitor_id: summary.monitor_id,
+            dedicated_interrupt: spec.dedicated_interrupt,
+        });
+        c.state = ChannelState::Enabled;
+        c.rescinded = false;
+        if saved.open.is_none() || saved.open != open {
+            if saved.open.is_some() {
+                log::debug!("kmcl server: {channel:?}: the guest closed relid {relid} after the save; offered only");
+            }
+            return Ok(());
+        }
+        let Some(endpoint) = engine.backend.transport.remap_endpoint(relid) else {
+            engine.backend.stats.rings_refused += 1;
+            log::warn!("kmcl server: {channel:?}: the rings of relid {relid} could not be mapped again");
+            return Ok(());
+        };
+        let c = engine.chan_mut(channel)?;
+        c.open = Some(endpoint);
+        c.state = ChannelState::Opened;
+        engine.restore_backlog(channel, saved.backlog, saved.next_transaction_id)?;
+        let mut callbacks = engine.chan_mut(channel)?.extra.packet_callbacks.take();
+        if let Some(callbacks) = callbacks.as_mut() {
+            engine.chan_mut(channel)?.extra.restoring = true;
+            engine.depth += 1;
+            for (packet, driver) in &saved.delivered {
+                callbacks.restore_packet(engine, channel, &save::encode_packet(packet), driver);
+            }
+            engine.depth -= 1;
+        }
+        if let Ok(c) = engine.chan_mut(channel) {
+            c.extra.restoring = false;
+            c.extra.packet_callbacks = callbacks;
+        }
+        engine.backend.stats.restored_opens += 1;
+        engine.start_sequence(channel);
+        engine.run_pending();
+        Ok(())
+    }
+
     /// Waits up to [`RELEASE_WAIT_NS`] for the guest's RELID_RELEASED of `relid`.
     fn wait_released(engine: &mut Engine<Self>, relid: u32) -> bool {
         let deadline = engine.backend.transport.now_ns().saturating_add(RELEASE_WAIT_NS);
@@ -400,7 +511,7 @@ impl<S: ServerTransport> super::bus::sealed::Sealed for ServerBackend<S> {}
 
 impl<S: ServerTransport> Backend for ServerBackend<S> {
     type Open = ServerEndpoint<S::Memory>;
-    type Extra = ServerChannelSettings;
+    type Extra = ServerChannelState;
     const IS_SERVER: bool = true;
 
     fn now_ns(&self) -> u64 {
@@ -478,7 +589,11 @@ impl<S: ServerTransport> Backend for ServerBackend<S> {
     fn enable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()> {
         let c = engine.chan(channel)?;
         let target = c.settings.target.ok_or(NtStatus::INVALID_PARAMETER_1)?;
-        let spec = c.extra.offer_spec(&target)?;
+        if let Some(saved) = engine.chan_mut(channel)?.extra.restored.take() {
+            return Self::enable_restored(engine, channel, saved);
+        }
+        let c = engine.chan(channel)?;
+        let spec = c.extra.settings.offer_spec(&target)?;
         let relid = engine.backend.transport.offer(spec.clone()).map_err(|error| match error {
             ServerError::NoFreeRelid | ServerError::NoFreeMonitorId => NtStatus::INSUFFICIENT_RESOURCES,
             _ => NtStatus::UNSUCCESSFUL,
@@ -514,7 +629,11 @@ impl<S: ServerTransport> Backend for ServerBackend<S> {
             }
             engine.teardown(channel, state == ChannelState::Active, ChannelState::Disabled);
         }
-        if let Some(relid) = relid {
+        let saved = core::mem::take(&mut engine.chan_mut(channel)?.extra.saved);
+        if saved {
+            // Saved: the offer (and the guest's open) stay for the restored channel to take over.
+            log::debug!("kmcl server: {channel:?} released after its save; relid {relid:?} is not rescinded");
+        } else if let Some(relid) = relid {
             match engine.backend.transport.rescind(relid) {
                 Ok(()) => {
                     Self::wait_released(engine, relid);
@@ -622,9 +741,13 @@ pub trait KmclServer: Kmcl {
     /// [`PIPE_MODE_MESSAGE`]; `_2` otherwise). No Windows function of its own.
     fn server_channel_init_set_pipe_mode(&mut self, channel: ChannelHandle, mode: u32) -> Result<()>;
 
-    /// `VmbServerChannelInitSetSaveRestorePacketCallbacks`: [`NtStatus::NOT_SUPPORTED`] (see
-    /// [`KmclServer::channel_save_begin`]); `_1` for a bad handle.
-    fn server_channel_init_set_save_restore_packet_callbacks(&mut self, channel: ChannelHandle) -> Result<()>;
+    /// `VmbServerChannelInitSetSaveRestorePacketCallbacks`: the driver's part of saving and restoring the packets
+    /// it holds ([`PacketSaveRestore`]).
+    fn server_channel_init_set_save_restore_packet_callbacks(
+        &mut self,
+        channel: ChannelHandle,
+        callbacks: Box<dyn PacketSaveRestore>,
+    ) -> Result<()>;
 
     /// The server-only settings as they stand (no Windows counterpart; for diagnostics and tests).
     fn server_channel_settings(&self, channel: ChannelHandle) -> Result<ServerChannelSettings>;
@@ -665,24 +788,40 @@ pub trait KmclServer: Kmcl {
     /// as [`KmclServer::packet_read_external_data`].
     fn packet_write_external_data(&mut self, packet: PacketCompletion, offset: u64, src: &[u8]) -> Result<()>;
 
-    /// `VmbChannelSaveBegin`: [`NtStatus::NOT_SUPPORTED`] (`_1` for a bad handle). Save and restore exist for a
-    /// Windows host servicing its VM worker process or VSP drivers while the guest runs: the state saved crosses a
-    /// restart of the server code. This crate's server lives in the same address space as the code that would
-    /// restore it and has no servicing path (nothing survives a restart to restore into), so there is nothing
-    /// honest to save to; the calls fail instead of pretending.
+    /// `VmbChannelSaveBegin`: takes a snapshot of the channel for a restarted server driver to take over
+    /// ([`save`] says what is saved and why sends in flight are not). Only while nothing is processed: the channel
+    /// is offered and closed ([`ChannelState::Enabled`]) or paused; `_1` otherwise or while a save is in progress.
+    /// [`NtStatus::INVALID_DEVICE_STATE`] when delivered packets are outstanding and the driver set no
+    /// [`PacketSaveRestore`] callbacks (they could not be finished after the restore). The driver's
+    /// `save_packet` runs for each outstanding packet now.
     fn channel_save_begin(&mut self, channel: ChannelHandle) -> Result<()>;
 
-    /// `VmbChannelSaveContinue`: [`NtStatus::NOT_SUPPORTED`], as [`KmclServer::channel_save_begin`].
-    fn channel_save_continue(&mut self, channel: ChannelHandle, buffer: &mut [u8]) -> Result<usize>;
+    /// `VmbChannelSaveContinue`: copies the next bytes of the snapshot into `buffer`.
+    /// [`SaveProgress::More`] (Windows: `STATUS_BUFFER_OVERFLOW`) means call again; [`SaveProgress::Done`] that it
+    /// was the last chunk. [`NtStatus::BUFFER_TOO_SMALL`] for a buffer under [`save::SAVE_MIN_CHUNK`] bytes; `_1`
+    /// without a save in progress.
+    fn channel_save_continue(&mut self, channel: ChannelHandle, buffer: &mut [u8]) -> Result<SaveProgress>;
 
-    /// `VmbChannelSaveEnd`: [`NtStatus::NOT_SUPPORTED`], as [`KmclServer::channel_save_begin`].
+    /// `VmbChannelSaveEnd`: ends the save. When every chunk was handed out, the channel is released by its next
+    /// `channel_disable` without rescinding the offer (the guest keeps its channel for the restored one); the
+    /// callbacks still run (Suspend, Closed) and sends in flight are cancelled. `_1` without a save in progress.
     fn channel_save_end(&mut self, channel: ChannelHandle) -> Result<()>;
 
-    /// `VmbChannelRestoreFromBuffer`: [`NtStatus::NOT_SUPPORTED`], as [`KmclServer::channel_save_begin`].
-    fn channel_restore_from_buffer(&mut self, channel: ChannelHandle, buffer: &[u8]) -> Result<()>;
+    /// `VmbChannelRestoreFromBuffer`: gives a new, disabled channel the saved bytes, one chunk per call (any split).
+    /// [`RestoreProgress::MoreChunks`] (Windows: `STATUS_MORE_PROCESSING_REQUIRED`) until the last, then
+    /// [`RestoreProgress::Done`]: the settings are the saved ones, and `channel_enable` takes over the saved offer
+    /// instead of making a new one — and, if the guest still has it open with the same rings, the open: the rings
+    /// are mapped again, the saved packets not yet delivered are queued, each outstanding one comes back through
+    /// [`PacketSaveRestore::restore_packet`], and Started → queue → PostStarted run (not Opened: the guest's open
+    /// was accepted before the save). That `channel_enable` fails with [`NtStatus::NOT_FOUND`] when the offer is
+    /// gone (rescinded, or another interface), and [`NtStatus::INVALID_DEVICE_STATE`] when outstanding packets were
+    /// saved but the channel has no [`PacketSaveRestore`]. `_1` channel not disabled or already restored; `_2` bytes
+    /// that are not a saved channel or hold settings the `InitSet*` functions would refuse.
+    fn channel_restore_from_buffer(&mut self, channel: ChannelHandle, buffer: &[u8]) -> Result<RestoreProgress>;
 
-    /// `VmbPacketRestore`: [`NtStatus::NOT_SUPPORTED`], as [`KmclServer::channel_save_begin`].
-    fn packet_restore(&mut self, channel: ChannelHandle, buffer: &[u8]) -> Result<PacketCompletion>;
+    /// `VmbPacketRestore`: the packet `library_data` describes (as [`PacketSaveRestore::restore_packet`] received it),
+    /// to be completed as any incoming packet. Only inside `restore_packet` (`_1` otherwise); `_2` malformed data.
+    fn packet_restore(&mut self, channel: ChannelHandle, library_data: &[u8]) -> Result<PacketCompletion>;
 }
 
 impl<S: ServerTransport> ServerBus<S> {
@@ -713,6 +852,50 @@ fn external_status(error: MemoryError) -> NtStatus {
     }
 }
 
+/// Takes a restored channel's settings after the checks the `InitSet*` functions make (`_2` for any they refuse),
+/// and keeps the rest for `channel_enable`.
+fn apply_saved<S: ServerTransport>(c: &mut KmclChannel<ServerBackend<S>>, saved: SavedChannel) -> Result<()> {
+    let bad = NtStatus::INVALID_PARAMETER_2;
+    let (data_size, chain) = saved.maximum_external_data;
+    let external_ok = (data_size, chain) == (0, 0)
+        || (data_size != 0
+            && chain != 0
+            && chain <= MAX_EXTERNAL_CHAIN_LENGTH
+            && u64::from(chain) >= u64::from(data_size).div_ceil(4096));
+    let valid = saved.flags & !ServerChannelFlags::ALL.0 == 0
+        && saved.target_vtl == 0
+        && (saved.pipe_mode == PIPE_MODE_BYTE || saved.pipe_mode == PIPE_MODE_MESSAGE)
+        && saved.user_data.len() <= USER_DEFINED_SIZE
+        && (1..=MAX_PACKET_SIZE_LIMIT).contains(&saved.maximum_packet_size)
+        && saved.client_context_size <= MAX_CLIENT_CONTEXT_SIZE
+        && saved.maximum_packet_count != 0
+        && saved.friendly_name.len() <= MAX_FRIENDLY_NAME_LEN
+        && external_ok;
+    if !valid {
+        return Err(bad);
+    }
+    c.settings.target = Some(TargetInterface {
+        interface_type: saved.interface_type,
+        interface_instance: Some(saved.interface_instance),
+    });
+    c.settings.maximum_packet_size = saved.maximum_packet_size;
+    c.settings.maximum_external_data = saved.maximum_external_data;
+    c.settings.client_context_size = saved.client_context_size;
+    c.settings.maximum_packet_count = saved.maximum_packet_count;
+    c.settings.transaction_quota = saved.transaction_quota;
+    c.settings.friendly_name = saved.friendly_name.clone();
+    c.extra.settings = ServerChannelSettings {
+        flags: ServerChannelFlags(saved.flags),
+        mmio_megabytes: saved.mmio_megabytes,
+        partition: saved.partition.map(PartitionId),
+        target_vtl: saved.target_vtl,
+        user_data: saved.user_data.clone(),
+        pipe_mode: saved.pipe_mode,
+    };
+    c.extra.restored = Some(saved);
+    Ok(())
+}
+
 fn memory_status(error: MemoryError) -> NtStatus {
     match error {
         MemoryError::ReadOnly => NtStatus::ACCESS_DENIED,
@@ -737,7 +920,7 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         if flags.0 & !ServerChannelFlags::ALL.0 != 0 {
             return Err(NtStatus::INVALID_PARAMETER_2);
         }
-        c.extra.flags = flags;
+        c.extra.settings.flags = flags;
         Ok(())
     }
 
@@ -753,14 +936,14 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         }
         let megabytes = u16::try_from(megabytes).map_err(|_| NtStatus::INVALID_PARAMETER_2)?;
         let optional = u16::try_from(megabytes_optional).map_err(|_| NtStatus::INVALID_PARAMETER_3)?;
-        c.extra.mmio_megabytes = (megabytes, optional);
+        c.extra.settings.mmio_megabytes = (megabytes, optional);
         Ok(())
     }
 
     fn server_channel_init_set_vmbus_handle(&mut self, channel: ChannelHandle, handle: KernelHandle) -> Result<()> {
         self.disabled_mut(channel)?;
         let partition = self.backend.handles.resolve_partition(handle)?;
-        self.disabled_mut(channel)?.extra.partition = Some(partition);
+        self.disabled_mut(channel)?.extra.settings.partition = Some(partition.id());
         Ok(())
     }
 
@@ -769,7 +952,7 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         if vtl != 0 {
             return Err(NtStatus::INVALID_PARAMETER_2);
         }
-        c.extra.target_vtl = vtl;
+        c.extra.settings.target_vtl = vtl;
         Ok(())
     }
 
@@ -778,7 +961,7 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         if data.len() > USER_DEFINED_SIZE {
             return Err(NtStatus::INVALID_PARAMETER_2);
         }
-        c.extra.user_data = data.to_vec();
+        c.extra.settings.user_data = data.to_vec();
         Ok(())
     }
 
@@ -787,21 +970,25 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         if mode != PIPE_MODE_BYTE && mode != PIPE_MODE_MESSAGE {
             return Err(NtStatus::INVALID_PARAMETER_2);
         }
-        c.extra.pipe_mode = mode;
+        c.extra.settings.pipe_mode = mode;
         Ok(())
     }
 
-    fn server_channel_init_set_save_restore_packet_callbacks(&mut self, channel: ChannelHandle) -> Result<()> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+    fn server_channel_init_set_save_restore_packet_callbacks(
+        &mut self,
+        channel: ChannelHandle,
+        callbacks: Box<dyn PacketSaveRestore>,
+    ) -> Result<()> {
+        self.disabled_mut(channel)?.extra.packet_callbacks = Some(callbacks);
+        Ok(())
     }
 
     fn server_channel_settings(&self, channel: ChannelHandle) -> Result<ServerChannelSettings> {
-        Ok(self.chan(channel)?.extra.clone())
+        Ok(self.chan(channel)?.extra.settings.clone())
     }
 
     fn server_channel_partition(&self, channel: ChannelHandle) -> Result<Option<PartitionId>> {
-        Ok(self.chan(channel)?.extra.partition.as_ref().map(|p| p.id()))
+        Ok(self.chan(channel)?.extra.settings.partition)
     }
 
     fn channel_map_gpadl(&mut self, channel: ChannelHandle, flags: MapGpadlFlags, gpadl: u32) -> Result<MappedGpadl> {
@@ -848,27 +1035,107 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
     }
 
     fn channel_save_begin(&mut self, channel: ChannelHandle) -> Result<()> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+        let c = self.chan(channel)?;
+        if !matches!(c.state, ChannelState::Enabled | ChannelState::Paused) || c.extra.save.is_some() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        let relid = c.relid().ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        let target = c.settings.target.ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        let is_open = c.open.is_some();
+        let (backlog, delivered, next_transaction_id) = self.packets_to_save(channel)?;
+        if !delivered.is_empty() && c.extra.packet_callbacks.is_none() {
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
+        let open = if is_open {
+            self.backend
+                .transport
+                .with_server(|server| server.open_channel_info(relid).map(|i| (i.open_id, i.ring_gpadl)))
+        } else {
+            None
+        };
+        let mut callbacks = self.chan_mut(channel)?.extra.packet_callbacks.take();
+        let delivered: Vec<_> = delivered
+            .into_iter()
+            .map(|(packet, saved)| {
+                let driver = callbacks.as_mut().map(|cb| cb.save_packet(channel, packet)).unwrap_or_default();
+                (saved, driver)
+            })
+            .collect();
+        let c = self.chan_mut(channel)?;
+        c.extra.packet_callbacks = callbacks;
+        let settings = &c.extra.settings;
+        let saved = SavedChannel {
+            interface_type: target.interface_type,
+            interface_instance: target.interface_instance.unwrap_or(Guid::ZERO),
+            flags: settings.flags.0,
+            mmio_megabytes: settings.mmio_megabytes,
+            target_vtl: settings.target_vtl,
+            pipe_mode: settings.pipe_mode,
+            partition: settings.partition.map(|p| p.0),
+            maximum_packet_size: c.settings.maximum_packet_size,
+            maximum_external_data: c.settings.maximum_external_data,
+            client_context_size: c.settings.client_context_size,
+            maximum_packet_count: c.settings.maximum_packet_count,
+            transaction_quota: c.settings.transaction_quota,
+            friendly_name: c.settings.friendly_name.clone(),
+            user_data: settings.user_data.clone(),
+            relid,
+            open,
+            next_transaction_id,
+            backlog,
+            delivered,
+        };
+        c.extra.save = Some((saved.encode(), 0));
+        c.extra.saved = false;
+        Ok(())
     }
 
-    fn channel_save_continue(&mut self, channel: ChannelHandle, _buffer: &mut [u8]) -> Result<usize> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+    fn channel_save_continue(&mut self, channel: ChannelHandle, buffer: &mut [u8]) -> Result<SaveProgress> {
+        let c = self.chan_mut(channel)?;
+        let (bytes, handed) = c.extra.save.as_mut().ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if buffer.len() < SAVE_MIN_CHUNK {
+            return Err(NtStatus::BUFFER_TOO_SMALL);
+        }
+        let rest = &bytes[*handed..];
+        let n = rest.len().min(buffer.len());
+        buffer[..n].copy_from_slice(&rest[..n]);
+        *handed += n;
+        Ok(if *handed == bytes.len() { SaveProgress::Done(n) } else { SaveProgress::More(n) })
     }
 
     fn channel_save_end(&mut self, channel: ChannelHandle) -> Result<()> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+        let c = self.chan_mut(channel)?;
+        let (bytes, handed) = c.extra.save.take().ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        c.extra.saved = handed == bytes.len();
+        Ok(())
     }
 
-    fn channel_restore_from_buffer(&mut self, channel: ChannelHandle, _buffer: &[u8]) -> Result<()> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+    fn channel_restore_from_buffer(&mut self, channel: ChannelHandle, buffer: &[u8]) -> Result<RestoreProgress> {
+        let c = self.disabled_mut(channel)?;
+        if c.extra.restored.is_some() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        if buffer.is_empty() {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        c.extra.restore_buffer.extend_from_slice(buffer);
+        let outcome = match SavedChannel::announced_len(&c.extra.restore_buffer) {
+            Ok(Some(total)) if c.extra.restore_buffer.len() == total => {
+                SavedChannel::decode(&c.extra.restore_buffer).and_then(|saved| apply_saved(c, saved))
+            }
+            Ok(Some(total)) if c.extra.restore_buffer.len() > total => Err(NtStatus::INVALID_PARAMETER_2),
+            Ok(_) => return Ok(RestoreProgress::MoreChunks),
+            Err(status) => Err(status),
+        };
+        c.extra.restore_buffer = Vec::new();
+        outcome.map(|()| RestoreProgress::Done)
     }
 
-    fn packet_restore(&mut self, channel: ChannelHandle, _buffer: &[u8]) -> Result<PacketCompletion> {
-        self.chan(channel)?;
-        Err(NtStatus::NOT_SUPPORTED)
+    fn packet_restore(&mut self, channel: ChannelHandle, library_data: &[u8]) -> Result<PacketCompletion> {
+        if !self.chan(channel)?.extra.restoring {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        let packet = save::decode_packet(library_data)?;
+        self.restore_incoming(channel, packet)
     }
 }
