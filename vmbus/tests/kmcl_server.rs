@@ -869,8 +869,11 @@ fn a_saved_channel_is_restored_on_a_new_server_bus_while_the_guest_keeps_it_open
 
     // Save in 64-byte chunks, end, release the channel without rescinding it.
     let mut saved = Vec::new();
+    rig.server(|server| server.channel_save_begin(channel)).unwrap();
+    // What arrives after the snapshot stays in the ring for the restored channel.
+    rig.guest(|g| guest_send(g, guest_channel, b"after the snapshot", &done));
+    rig.pump(2);
     let chunks = rig.server(|server| {
-        server.channel_save_begin(channel).unwrap();
         let mut chunks = 0;
         loop {
             let mut buffer = [0u8; 64];
@@ -919,16 +922,17 @@ fn a_saved_channel_is_restored_on_a_new_server_bus_while_the_guest_keeps_it_open
     assert_eq!(rig.server(|s| s.channel_state(restored)), Ok(ChannelState::Active));
     assert_eq!(rig.server(|s| s.server_stats().restored_opens), 1);
     rig.pump(2);
-    assert_eq!(done.lock().len(), 1);
+    assert_eq!(done.lock().len(), 2);
     assert!(done.lock()[0].starts_with(b"queued while paused"), "the backlog was delivered again and echoed");
+    assert!(done.lock()[1].starts_with(b"after the snapshot"), "then what waited in the ring");
 
     // The restored driver finishes the packet it held before the restart.
     let (held, payload) = after.lock().held.pop().unwrap();
     assert!(payload.starts_with(b"hold me"));
     rig.server(|s| s.packet_complete(held, b"finally")).unwrap();
     rig.pump(2);
-    assert_eq!(done.lock().len(), 2);
-    assert!(done.lock()[1].starts_with(b"finally"));
+    assert_eq!(done.lock().len(), 3);
+    assert!(done.lock()[2].starts_with(b"finally"));
 
     // Traffic goes on both ways.
     let mut answer = [0u8; 8];

@@ -298,6 +298,9 @@ pub(super) struct KmclChannel<B: Backend> {
     queue_stopped: bool,
     /// The incoming ring failed validation: it is not read again until the channel is reopened.
     ring_broken: bool,
+    /// A save took the incoming queue's snapshot (`kmcl::server`): the ring is left alone until the channel closes,
+    /// so nothing read after the snapshot is lost.
+    pub(super) ring_held: bool,
     /// The other end went away (a rescind on the guest, the guest's close on the host): sends fail, waits end.
     pub(super) rescinded: bool,
     closing: bool,
@@ -329,6 +332,7 @@ impl<B: Backend> KmclChannel<B> {
             gpadls: Vec::new(),
             queue_stopped: false,
             ring_broken: false,
+            ring_held: false,
             rescinded: false,
             closing: false,
             needs_run: false,
@@ -788,6 +792,7 @@ impl<B: Backend> Engine<B> {
             c.closing = false;
             c.queue_stopped = false;
             c.ring_broken = false;
+            c.ring_held = false;
             c.state = final_state;
         }
     }
@@ -862,7 +867,7 @@ impl<B: Backend> Engine<B> {
     fn read_ring(&mut self, channel: ChannelHandle) -> usize {
         let Engine { backend, channels, stats, .. } = self;
         let Some(c) = channels.get_mut(channel.index, channel.generation) else { return 0 };
-        if c.backlog.len() >= BACKLOG_LIMIT || c.ring_broken {
+        if c.backlog.len() >= BACKLOG_LIMIT || c.ring_broken || c.ring_held {
             return 0;
         }
         let Some(open) = c.open.as_mut() else { return 0 };

@@ -531,9 +531,11 @@ impl<S: ServerTransport> Backend for ServerBackend<S> {
         open: &mut Self::Open,
         out: &mut Vec<core::result::Result<ReceivedPacket, RingError>>,
     ) -> core::result::Result<(), EndError> {
-        open.receive(&self.transport, |packet, _| out.push(ReceivedPacket::copy_of(packet)))
-            .map(|_| ())
-            .map_err(endpoint_error)
+        match open.receive(&self.transport, |packet, _| out.push(ReceivedPacket::copy_of(packet))) {
+            // The guest closed; the close event follows (nothing is wrong with the ring).
+            Ok(_) | Err(EndpointError::Closed) => Ok(()),
+            Err(error) => Err(endpoint_error(error)),
+        }
     }
 
     fn request_space_signal(&self, open: &mut Self::Open, needed: u32) -> bool {
@@ -793,7 +795,9 @@ pub trait KmclServer: Kmcl {
     /// is offered and closed ([`ChannelState::Enabled`]) or paused; `_1` otherwise or while a save is in progress.
     /// [`NtStatus::INVALID_DEVICE_STATE`] when delivered packets are outstanding and the driver set no
     /// [`PacketSaveRestore`] callbacks (they could not be finished after the restore). The driver's
-    /// `save_packet` runs for each outstanding packet now.
+    /// `save_packet` runs for each outstanding packet now; from here on the driver must not complete those packets
+    /// (the restored driver does), and the bus stops reading the channel's ring (what arrives stays there for the
+    /// restored channel) until the save is abandoned or the channel closes.
     fn channel_save_begin(&mut self, channel: ChannelHandle) -> Result<()>;
 
     /// `VmbChannelSaveContinue`: copies the next bytes of the snapshot into `buffer`.
@@ -1087,6 +1091,7 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         };
         c.extra.save = Some((saved.encode(), 0));
         c.extra.saved = false;
+        c.ring_held = true;
         Ok(())
     }
 
@@ -1107,6 +1112,8 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
         let c = self.chan_mut(channel)?;
         let (bytes, handed) = c.extra.save.take().ok_or(NtStatus::INVALID_PARAMETER_1)?;
         c.extra.saved = handed == bytes.len();
+        // An abandoned save gives the ring back to the channel.
+        c.ring_held = c.extra.saved;
         Ok(())
     }
 
