@@ -54,8 +54,8 @@
 //! | 3 | `VmbChannelCreateGpadlFromBuffer` | [`Kmcl::channel_create_gpadl_from_buffer`] | **done** (the buffer is a [`PhysicalBuffer`]: a `no_std` library cannot look up the pages of a virtual address) |
 //! | 4 | `VmbChannelCreateGpadlFromMdl` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done**, no MDL: a PFN list with offset and length describes the same memory |
 //! | 5 | `VmbChannelDeleteGpadl` | [`Kmcl::channel_delete_gpadl`] | **done** (GPADLs left at `closed` are deleted by the bus and counted in [`BusStats::leaked_gpadls`]) |
-//! | 6 | `VmbChannelDisable` | [`Kmcl::channel_disable`] | **done** |
-//! | 7 | `VmbChannelEnable` | [`Kmcl::channel_enable`] | **done** (binds to a matching offer now or when one is offered) |
+//! | 6 | `VmbChannelDisable` | [`Kmcl::channel_disable`] | **done** (on a server channel: teardown, then the offer is rescinded and RELID_RELEASED awaited) |
+//! | 7 | `VmbChannelEnable` | [`Kmcl::channel_enable`] | **done** (binds to a matching offer now or when one is offered; on a server channel: offers it, and the guest's open runs the callbacks) |
 //! | 8 | `VmbChannelGetInterfaceInstance` | [`Kmcl::channel_interface_instance`] | **done** |
 //! | 9 | `VmbChannelGetMmioSpace` | `Kmcl::channel_mmio_space` | planned: needs an MMIO range allocator for VMBus devices in the kernel (none yet); the size the device wants is `channel_offer(..).mmio_megabytes` |
 //! | 10 | `VmbChannelGetPointer` | [`Kmcl::channel_pointer`] | **done** (typed context) |

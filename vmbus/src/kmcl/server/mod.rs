@@ -33,7 +33,13 @@
 //!   [`RELEASE_WAIT_NS`] for the guest's RELID_RELEASED (the relid is only free then), running the idle hook and
 //!   [`ServerTransport::wait`] meanwhile, and returns [`ChannelState::Disabled`] either way (an unreleased relid is
 //!   counted in [`ServerBusStats::unreleased_rescinds`]; the server keeps it until the guest lets go).
+//!   After a complete save ([`save`]) it skips the rescind: the offer and the guest's open wait for the restored
+//!   channel.
 //! - `channel_pause` / `channel_start` as on the client.
+//!
+//! `kmcl-api.md` names the server states Disabled/Enabled/Started/Stopped/Paused/Active; here Disabled and Enabled
+//! (offered, not open) keep their names, Stopped (open, not started: the `opened` callback runs) is
+//! [`ChannelState::Opened`], Started/Active is [`ChannelState::Active`] and Paused [`ChannelState::Paused`].
 //!
 //! # What a single thread cannot do
 //! The bus runs only when called ([`ServerBus::poll`], [`ServerBus::process_interrupt`], a KMCL call). A synchronous
