@@ -961,3 +961,58 @@ fn a_saved_channel_is_restored_on_a_new_server_bus_while_the_guest_keeps_it_open
         assert_eq!(server.channel_enable(channel), Err(NtStatus::NOT_FOUND));
     });
 }
+
+/// Interrupt pages that record nothing (the memory-less bus has none to set).
+struct NoPages;
+
+impl vmbus::channel::InterruptPages for NoPages {
+    fn set_send_interrupt(&self, _relid: u32) {}
+    fn set_monitor_pending(&self, _monitor_id: u8) {}
+}
+
+/// Rings from host memory the loopback bus cannot see.
+struct HeapRings;
+
+impl vmbus::kmcl::RingAllocator for HeapRings {
+    type Memory = Arc<vmbus::ring::OwnedRingMemory>;
+    type Lease = ();
+
+    fn allocate(
+        &self,
+        outgoing: u32,
+        incoming: u32,
+    ) -> vmbus::kmcl::Result<(vmbus::channel::ChannelRings<Self::Memory>, ())> {
+        let ring = |pages: u32| Arc::new(vmbus::ring::OwnedRingMemory::new((pages as usize - 1) * 4096).unwrap());
+        let pfns = (0..u64::from(outgoing + incoming)).map(|i| 0x8000 + i).collect();
+        let rings = vmbus::channel::ChannelRings {
+            outgoing: ring(outgoing),
+            incoming: ring(incoming),
+            pfns,
+            outgoing_pages: outgoing,
+        };
+        Ok((rings, ()))
+    }
+
+    fn release(&self, _lease: (), _host_released: bool) {}
+}
+
+#[test]
+fn a_host_without_guest_memory_refuses_the_open_and_the_opened_callback_is_rolled_back() {
+    let loopback: &'static LoopbackBus = Box::leak(Box::new(LoopbackBus::new(ServerConfig::new())));
+    let server = Arc::new(Mutex::new(Some(ServerBus::new(loopback, Arc::new(Handles::new())))));
+    let (channel, log) = server.lock().as_mut().map(|s| server_echo(s, instance(8), None)).unwrap();
+    let transport = GuestTransport { bus: loopback, server: Arc::clone(&server) };
+    let mut connection =
+        Connection::connect(transport, ConnectOptions::new(0x10_0000, (0x10_1000, 0x10_2000))).unwrap();
+    connection.request_offers().unwrap();
+    let mut guest = Bus::new(connection, NoPages, HeapRings);
+    let (guest_channel, echo) = EchoDriver::start(&mut guest, Some(instance(8)), 0x9000).unwrap();
+    assert_eq!(guest.channel_state(guest_channel), Ok(ChannelState::Closed), "the open was refused");
+    assert_eq!(echo.lock().version, None);
+    assert_eq!(log.lock().events, strings(&["opened", "closed"]), "Closed rolls Opened back");
+    let mut server = server.lock();
+    let server = server.as_mut().unwrap();
+    assert_eq!(server.channel_state(channel), Ok(ChannelState::Enabled), "still offered");
+    assert_eq!(server.server_stats().rings_refused, 1);
+    assert_eq!(server.server_stats().opens_accepted, 0);
+}
