@@ -32,6 +32,14 @@ pub trait InterruptPages {
     fn set_send_interrupt(&self, relid: u32);
     /// Sets the pending bit of `monitor_id` in monitor page 2 (guest → host): trigger group `id / 32`, bit `id % 32`.
     fn set_monitor_pending(&self, monitor_id: u8);
+    /// Writes `monitor_id`'s latency (100 ns units) in monitor page 2 — how long the host may wait before it acts
+    /// on the pending bit (`VmbChannelSetInterruptLatency`) — and returns the previous value. `None` when these
+    /// pages have no monitor page 2 (the default: a page set that only models the interrupt page) or the id is
+    /// beyond the page's 128.
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        let _ = (monitor_id, latency);
+        None
+    }
 }
 
 impl<T: InterruptPages + ?Sized> InterruptPages for &T {
@@ -41,6 +49,10 @@ impl<T: InterruptPages + ?Sized> InterruptPages for &T {
 
     fn set_monitor_pending(&self, monitor_id: u8) {
         (**self).set_monitor_pending(monitor_id);
+    }
+
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        (**self).exchange_monitor_latency(monitor_id, latency)
     }
 }
 

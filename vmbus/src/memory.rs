@@ -335,8 +335,8 @@ impl PageArena {
         Ok(self.word(gpa)?.fetch_and(!mask, Ordering::AcqRel))
     }
 
-    /// The word at the 8-byte aligned `gpa`.
-    fn word(&self, gpa: u64) -> Result<&AtomicU64, MemoryError> {
+    /// The word at the 8-byte aligned `gpa`, for atomic updates of shared pages (interrupt and monitor pages).
+    pub fn word(&self, gpa: u64) -> Result<&AtomicU64, MemoryError> {
         if !gpa.is_multiple_of(8) {
             return Err(MemoryError::Misaligned { gpa });
         }
@@ -442,6 +442,18 @@ impl crate::channel::InterruptPages for ArenaInterruptPages {
             // `pending` is the low half of the group's word.
             let group = MONITOR_TRIGGER_GROUP_OFFSET + u64::from(monitor_id / 32) * 8;
             self.set_bit(page + group, u32::from(monitor_id % 32));
+        }
+    }
+
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        let bit = crate::protocol::MonitorBit::for_monitor_id(monitor_id)?;
+        let gpa = self.monitor_page2? + (bit.latency_offset as u64 & !7);
+        match self.memory.word(gpa) {
+            Ok(word) => Some(bit.exchange_latency(word, latency)),
+            Err(error) => {
+                log::warn!("vmbus test guest: monitor latency at {gpa:#x}: {error}");
+                None
+            }
         }
     }
 }

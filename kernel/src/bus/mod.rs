@@ -70,6 +70,12 @@ impl InterruptPages for BusPages {
             word.fetch_or(u64::from(bit.mask()) << shift, Ordering::SeqCst);
         }
     }
+
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        let bit = MonitorBit::for_monitor_id(monitor_id)?;
+        let word = self.monitor_guest_to_host.words().get(bit.latency_offset / 8)?;
+        Some(bit.exchange_latency(word, latency))
+    }
 }
 
 /// The bus pages, made once.

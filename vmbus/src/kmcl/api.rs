@@ -32,7 +32,7 @@ pub trait Kmcl {
 
     /// `VmbChannelEnable` (client): binds to a matching offer (now, or when one arrives) and runs
     /// Opened → Started → queue → PostStarted. Returns at once when no offer matches yet. `_1` unless disabled or
-    /// closed, or without callbacks or target.
+    /// closed, or without callbacks, or without a target (or a primary channel, for a sub-channel).
     fn channel_enable(&mut self, channel: ChannelHandle) -> Result<()>;
 
     /// `VmbChannelDisable` (client): Suspend → outstanding sends cancelled → Closed → CLOSECHANNEL and ring teardown;
@@ -107,6 +107,13 @@ pub trait Kmcl {
     /// OPENCHANNEL. Which VPs exist is the kernel's knowledge; the host refuses an open naming a VP it does not have.
     fn channel_init_set_target_vp(&mut self, channel: ChannelHandle, vp_index: u32) -> Result<()>;
 
+    /// V5 `InitSetPrimaryChannel`: makes `channel` a sub-channel of `primary`. Once the primary is open, enabling
+    /// the channel binds it to a free sub-channel offer (`sub_channel_index` > 0) with the primary's interface type
+    /// and instance — the host makes those offers when the device protocol asks for sub-channels — and no target
+    /// is needed. `_1` unless `channel` is disabled; `_2` if `primary` is stale, is `channel`, or is itself a
+    /// sub-channel.
+    fn channel_init_set_primary_channel(&mut self, channel: ChannelHandle, primary: ChannelHandle) -> Result<()>;
+
     /// V5 `InitSetInlinePacketContextSize`: bytes of driver context inside every outgoing packet object (added to
     /// `channel_sizeof_packet`); `_2` above [`super::channel::MAX_CLIENT_CONTEXT_SIZE`].
     fn channel_init_set_inline_packet_context_size(&mut self, channel: ChannelHandle, size: u32) -> Result<()>;
@@ -128,6 +135,13 @@ pub trait Kmcl {
 
     /// V2 `GetTargetDeviceObject`'s counterpart: the offer the channel is bound to. `_1` when not bound.
     fn channel_offer(&self, channel: ChannelHandle) -> Result<Offer>;
+
+    /// `VmbChannelSetInterruptLatency`: the latency (100 ns units) the host may take before it acts on this
+    /// channel's monitored notifications (MNF), written in the guest → host monitor page; returns the previous
+    /// value. Valid while the channel has its rings (from `opened` to `closed`); `_1` otherwise.
+    /// [`NtStatus::NOT_SUPPORTED`](super::NtStatus::NOT_SUPPORTED) when the offer is not monitored (the channel
+    /// signals with HvSignalEvent, which has no latency) or the bus has no monitor page.
+    fn channel_set_interrupt_latency(&mut self, channel: ChannelHandle, latency: u16) -> Result<u16>;
 
     /// `VmbChannelSizeofPacket`: bytes `packet_initialize` needs.
     fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32>;

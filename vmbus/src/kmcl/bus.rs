@@ -268,6 +268,13 @@ pub trait Backend: Sized + sealed::Sealed {
     ) -> Result<GpadlHandle>;
     /// Deletes a GPADL the channel created.
     fn delete_gpadl(engine: &mut Engine<Self>, channel: ChannelHandle, gpadl: GpadlHandle) -> Result<()>;
+    /// Writes a monitored channel's MNF latency and returns the previous one (`VmbChannelSetInterruptLatency`);
+    /// `None` where this end has no monitor page to write it in (the default; the host's end, whose monitor scan
+    /// is the loopback's own).
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        let _ = (monitor_id, latency);
+        None
+    }
     /// The server interface of this engine, when it is a server's ([`Kmcl::as_server`]).
     fn as_server(engine: &mut Engine<Self>) -> Option<&mut dyn super::server::KmclServer> {
         let _ = engine;
@@ -372,6 +379,15 @@ impl<B: Backend> KmclChannel<B> {
             && bytes <= u64::from(max_bytes)
             && pages <= u64::from(max_chain)
     }
+}
+
+/// The offers a client channel may bind to.
+#[derive(Clone, Copy)]
+enum Wanted {
+    /// A primary offer (sub-channel index 0) matching the channel's target.
+    Primary(TargetInterface),
+    /// A sub-channel offer (index > 0) of the device with this interface type and instance.
+    SubChannelOf(Guid, Guid),
 }
 
 /// The KMCL engine over one end of VMBus: the channel table, the packet engine and the dispatch to the drivers'
@@ -1233,6 +1249,10 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
         matches!(open.channel.request_space_signal(needed), Ok(SpaceRequest::Available))
     }
 
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        self.pages.exchange_monitor_latency(monitor_id, latency)
+    }
+
     /// Takes the host's control messages; marks rescinded channels at once (so waits end) and keeps the events for
     /// [`Self::handle_events`].
     fn pump_control(engine: &mut Engine<Self>) {
@@ -1272,7 +1292,21 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
         if c.state != ChannelState::Enabled {
             return;
         }
-        let Some(target) = c.settings.target else { return };
+        // A primary binds to a primary offer of its target; a sub-channel, once its primary is open, to a
+        // sub-channel offer of the same device.
+        let wanted = match c.settings.primary {
+            None => match c.settings.target {
+                Some(target) => Wanted::Primary(target),
+                None => return,
+            },
+            Some(primary) => match engine.chan(primary) {
+                Ok(p) if p.open.is_some() => match p.offer.as_ref() {
+                    Some(offer) => Wanted::SubChannelOf(offer.interface_type, offer.interface_instance),
+                    None => return,
+                },
+                _ => return,
+            },
+        };
         let pipe = c.settings.flags.contains(ChannelInitFlags::IS_PIPE);
         let (outgoing_pages, incoming_pages) = c.settings.ring_page_counts();
         let target_vp = c.settings.target_vp;
@@ -1283,9 +1317,18 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
             .connection
             .offers()
             .find(|o| {
-                target.matches(&o.interface_type, &o.interface_instance)
+                let device = match wanted {
+                    Wanted::Primary(target) => {
+                        target.matches(&o.interface_type, &o.interface_instance) && o.sub_channel_index == 0
+                    }
+                    Wanted::SubChannelOf(interface_type, instance) => {
+                        o.interface_type == interface_type
+                            && o.interface_instance == instance
+                            && o.sub_channel_index > 0
+                    }
+                };
+                device
                     && !claimed.contains(&o.child_relid)
-                    && o.sub_channel_index == 0
                     && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
             })
             .cloned();
@@ -1396,7 +1439,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
 
     fn enable(engine: &mut Engine<Self>, channel: ChannelHandle) -> Result<()> {
         let c = engine.chan_mut(channel)?;
-        if c.settings.target.is_none() {
+        if c.settings.target.is_none() && c.settings.primary.is_none() {
             return Err(NtStatus::INVALID_PARAMETER_1);
         }
         c.state = ChannelState::Enabled;
@@ -1617,6 +1660,16 @@ impl<B: Backend> Kmcl for Engine<B> {
         Ok(())
     }
 
+    fn channel_init_set_primary_channel(&mut self, channel: ChannelHandle, primary: ChannelHandle) -> Result<()> {
+        self.client_disabled_mut(channel)?;
+        let p = self.chan(primary).map_err(|_| NtStatus::INVALID_PARAMETER_2)?;
+        if primary == channel || p.settings.primary.is_some() {
+            return Err(NtStatus::INVALID_PARAMETER_2);
+        }
+        self.client_disabled_mut(channel)?.settings.primary = Some(primary);
+        Ok(())
+    }
+
     fn channel_init_set_inline_packet_context_size(&mut self, channel: ChannelHandle, size: u32) -> Result<()> {
         let c = self.disabled_mut(channel)?;
         if size > MAX_CLIENT_CONTEXT_SIZE {
@@ -1663,6 +1716,15 @@ impl<B: Backend> Kmcl for Engine<B> {
 
     fn channel_offer(&self, channel: ChannelHandle) -> Result<Offer> {
         self.chan(channel)?.offer.clone().ok_or(NtStatus::INVALID_PARAMETER_1)
+    }
+
+    fn channel_set_interrupt_latency(&mut self, channel: ChannelHandle, latency: u16) -> Result<u16> {
+        let c = self.chan(channel)?;
+        if c.open.is_none() {
+            return Err(NtStatus::INVALID_PARAMETER_1);
+        }
+        let monitor_id = c.offer.as_ref().and_then(|offer| offer.monitor_id).ok_or(NtStatus::NOT_SUPPORTED)?;
+        self.backend.exchange_monitor_latency(monitor_id, latency).ok_or(NtStatus::NOT_SUPPORTED)
     }
 
     fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32> {

@@ -143,6 +143,9 @@ pub struct ChannelSettings {
     pub target_vp: u32,
     /// Bytes of inline context in every outgoing packet object (V5 `InitSetInlinePacketContextSize`).
     pub inline_packet_context_size: u32,
+    /// The primary channel this one is a sub-channel of (V5 `InitSetPrimaryChannel`): it binds to a sub-channel
+    /// offer (`sub_channel_index` > 0) of the primary's interface type and instance instead of to `target`.
+    pub primary: Option<ChannelHandle>,
 }
 
 impl Default for ChannelSettings {
@@ -159,6 +162,7 @@ impl Default for ChannelSettings {
             transaction_quota: 0,
             target_vp: 0,
             inline_packet_context_size: 0,
+            primary: None,
         }
     }
 }

@@ -73,7 +73,7 @@
 //! | 22 | `VmbChannelPause` | [`Kmcl::channel_pause`] | **done**; it does not wait for outstanding incoming packets (one thread: the driver completes them in `suspend`) |
 //! | 23 | `VmbChannelSendSynchronousRequest` | [`Kmcl::channel_send_synchronous_request`] | **done** (timeout → `CANCELLED`, as Windows cancels the packet at its timeout) |
 //! | 24 | `VmbChannelSetIncomingProcessingAtPassive` | [`Kmcl::channel_set_incoming_processing_in_task`] | **done** (IRQL becomes interrupt vs task context) |
-//! | 25 | `VmbChannelSetInterruptLatency` | `Kmcl::channel_set_interrupt_latency` | planned: the monitored-notification latency lives in the monitor page, which `vmbus::channel::InterruptPages` does not expose yet |
+//! | 25 | `VmbChannelSetInterruptLatency` | [`Kmcl::channel_set_interrupt_latency`] | **done**: the monitored channel's latency (100 ns units) in the guest → host monitor page, the previous value returned; `NOT_SUPPORTED` for an event-signalled channel |
 //! | 26 | `VmbChannelSetPointer` | [`Kmcl::channel_set_pointer`] | **done** |
 //! | 27 | `VmbChannelSetTransactionQuota` | [`Kmcl::channel_set_transaction_quota`] | **done** (a blocked queue restarts on completion) |
 //! | 28 | `VmbChannelSizeofPacket` | [`Kmcl::channel_sizeof_packet`] | **done** ([`packet::sizeof_packet`]) |
@@ -125,7 +125,7 @@
 //! | V3 | `AllocateBounceBuffer` | `Kmcl::channel_allocate_bounce_buffer` | planned: `kmcl::channel` (isolated VMs, as above) |
 //! | V4 | `InitSetMaximumPacketCount` | [`Kmcl::channel_init_set_maximum_packet_count`] | **done** (bounds the per-channel packet pool) |
 //! | V4 | `CreateGpadlFromPfnList` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done** (`READ_ONLY` recorded, [`Kmcl::gpadl_is_read_only`]: GPADL_HEADER has no read-only bit, so the host is not told) |
-//! | V5 | `InitSetPrimaryChannel` | `Kmcl::channel_init_set_primary_channel` | planned: sub-channels (the client connection has no sub-channel request yet; channels bind to primary offers only) |
+//! | V5 | `InitSetPrimaryChannel` | [`Kmcl::channel_init_set_primary_channel`] | **done**: a sub-channel binds, once its primary is open, to a free sub-channel offer (index > 0) of the primary's interface type and instance; asking the host for sub-channels is the device protocol's business |
 //! | V5 | `ChannelInitialize` | — | no counterpart: a channel in caller-supplied memory; the [`Bus`] owns channel objects and hands out handles, so [`Kmcl::channel_allocate`] covers it |
 //! | V5 | `SetAllowableDpcCpuUsage` | — | no counterpart: no DPCs and no DPC watchdog; the kernel decides how long it stays in [`Bus::process_interrupt`] |
 //! | V5 | `ClientChannelInitSetTargetProcessorIndex` | [`Kmcl::channel_init_set_target_vp`] | **done** (the VP_INDEX sent in OPENCHANNEL) |

@@ -12,6 +12,7 @@ use crate::ring::{
 };
 use crate::server::{ChannelStatus, LoopbackBus, OfferSpec, ServerConfig};
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -61,10 +62,11 @@ impl RingAllocator for TestAllocator {
     }
 }
 
-/// Interrupt pages that only count.
+/// Interrupt pages that only count, and a monitor page 2 reduced to its latency fields.
 #[derive(Default)]
 struct Pages {
     interrupts: Mutex<u32>,
+    latencies: Mutex<BTreeMap<u8, u16>>,
 }
 
 impl InterruptPages for Pages {
@@ -72,6 +74,9 @@ impl InterruptPages for Pages {
         *self.interrupts.lock() += 1;
     }
     fn set_monitor_pending(&self, _monitor_id: u8) {}
+    fn exchange_monitor_latency(&self, monitor_id: u8, latency: u16) -> Option<u16> {
+        Some(self.latencies.lock().insert(monitor_id, latency).unwrap_or(0))
+    }
 }
 
 type TestBus = Bus<&'static LoopbackBus, Pages, TestAllocator>;
@@ -368,6 +373,82 @@ fn a_pipe_channel_binds_only_to_a_pipe_offer_and_no_channel_to_a_sub_channel() {
     w.bus.channel_enable(plain).unwrap();
     assert_eq!(w.bus.channel_relid(plain), Ok(2), "the primary channel, not the sub-channel at relid 1");
     assert_eq!(w.host.with_server(|s| s.open_channel_info(2).map(|info| info.target_vp)), Some(3));
+}
+
+#[test]
+fn sub_channels_bind_to_their_primarys_sub_channel_offers_once_it_is_open() {
+    let other = Guid::from_fields(0xEC2, 1, 2, [3, 4, 5, 6, 7, 8, 9, 10]);
+    let sub = |instance: Guid, index: u16| {
+        let mut spec = OfferSpec::new(device_class::HEARTBEAT, instance);
+        spec.sub_channel_index = index;
+        spec
+    };
+    // relid 1: another device's sub-channel; 2: the primary; 3, 4: its sub-channels.
+    let offers = [sub(other, 1), sub(INSTANCE, 0), sub(INSTANCE, 1), sub(INSTANCE, 2)];
+    let mut w = world_with(&offers);
+    let log = Arc::clone(&w.log);
+    let primary = w.channel(Recorder::new(&log));
+    let subs: Vec<ChannelHandle> = (0..3)
+        .map(|_| {
+            let channel = w.bus.channel_allocate().unwrap();
+            w.bus.channel_init_set_callbacks(channel, Box::new(Recorder::new(&log))).unwrap();
+            w.bus.channel_init_set_primary_channel(channel, primary).unwrap();
+            channel
+        })
+        .collect();
+    // Statuses: the channel itself, a sub-channel as primary, a stale primary, and too late.
+    assert_eq!(w.bus.channel_init_set_primary_channel(primary, primary), Err(NtStatus::INVALID_PARAMETER_2));
+    assert_eq!(w.bus.channel_init_set_primary_channel(primary, subs[0]), Err(NtStatus::INVALID_PARAMETER_2));
+    let gone = w.bus.channel_allocate().unwrap();
+    w.bus.channel_cleanup(gone).unwrap();
+    assert_eq!(w.bus.channel_init_set_primary_channel(subs[2], gone), Err(NtStatus::INVALID_PARAMETER_2));
+
+    // A sub-channel enabled before its primary waits for it.
+    w.bus.channel_enable(subs[0]).unwrap();
+    w.bus.poll();
+    assert_eq!(w.bus.channel_state(subs[0]), Ok(ChannelState::Enabled));
+    w.bus.channel_enable(primary).unwrap();
+    assert_eq!(w.bus.channel_relid(primary), Ok(2), "the primary offer, not a sub-channel");
+    w.bus.poll();
+    assert_eq!(w.bus.channel_state(subs[0]), Ok(ChannelState::Active));
+    w.bus.channel_enable(subs[1]).unwrap();
+    w.bus.channel_enable(subs[2]).unwrap();
+    w.bus.poll();
+    let mut bound = vec![w.bus.channel_relid(subs[0]).unwrap(), w.bus.channel_relid(subs[1]).unwrap()];
+    bound.sort_unstable();
+    assert_eq!(bound, [3, 4], "the primary's two sub-channel offers, never the other device's");
+    assert_eq!(w.bus.channel_state(subs[2]), Ok(ChannelState::Enabled), "no sub-channel offer is left");
+    assert_eq!(w.bus.channel_init_set_primary_channel(subs[0], primary), Err(NtStatus::INVALID_PARAMETER_1));
+    // A sub-channel reports the device it belongs to.
+    assert_eq!(w.bus.channel_offer(subs[0]).map(|offer| offer.interface_instance), Ok(INSTANCE));
+}
+
+#[test]
+fn interrupt_latency_is_set_for_a_monitored_open_channel_only() {
+    let mut monitored = OfferSpec::new(device_class::HEARTBEAT, INSTANCE);
+    monitored.monitored = true;
+    let plain_instance = Guid::from_fields(0xEC1, 1, 2, [3, 4, 5, 6, 7, 8, 9, 10]);
+    let mut w = world_with(&[monitored, OfferSpec::new(device_class::HEARTBEAT, plain_instance)]);
+    let log = Arc::clone(&w.log);
+    let channel = w.channel(Recorder::new(&log));
+    assert_eq!(w.bus.channel_set_interrupt_latency(channel, 50), Err(NtStatus::INVALID_PARAMETER_1), "no rings yet");
+    w.bus.channel_enable(channel).unwrap();
+    let monitor_id = w.bus.channel_offer(channel).unwrap().monitor_id.expect("the offer is monitored");
+    assert_eq!(w.bus.channel_set_interrupt_latency(channel, 50), Ok(0), "the page starts zeroed");
+    assert_eq!(w.bus.channel_set_interrupt_latency(channel, 1000), Ok(50), "the previous latency comes back");
+    assert_eq!(w.bus.pages().latencies.lock().get(&monitor_id), Some(&1000));
+
+    let plain = w.channel(Recorder::new(&log));
+    w.bus.channel_init_set_target(plain, device_class::HEARTBEAT, Some(plain_instance)).unwrap();
+    w.bus.channel_enable(plain).unwrap();
+    assert_eq!(w.bus.channel_state(plain), Ok(ChannelState::Active));
+    assert_eq!(
+        w.bus.channel_set_interrupt_latency(plain, 50),
+        Err(NtStatus::NOT_SUPPORTED),
+        "an event-signalled channel has no MNF latency"
+    );
+    w.bus.channel_disable(channel).unwrap();
+    assert_eq!(w.bus.channel_set_interrupt_latency(channel, 50), Err(NtStatus::INVALID_PARAMETER_1), "closed");
 }
 
 #[test]

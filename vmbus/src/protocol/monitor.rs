@@ -5,6 +5,7 @@
 //! read by the host, so the code that touches the live page must use atomic operations at the offsets this struct
 //! pins (see [`MonitorBit`]); the struct itself describes the layout and serves copies and tests.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use zerocopy::byteorder::little_endian::{I32, U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -74,6 +75,8 @@ pub struct MonitorBit {
     pub bit: u32,
     /// Byte offset of the group's `pending` u32 inside the page (for an atomic OR on the live page).
     pub pending_offset: usize,
+    /// Byte offset of the id's `latency` u16 (100 ns units) inside the page.
+    pub latency_offset: usize,
 }
 
 impl MonitorBit {
@@ -92,12 +95,29 @@ impl MonitorBit {
             group,
             bit: (id % MONITORS_PER_GROUP) as u32,
             pending_offset,
+            latency_offset: core::mem::offset_of!(MonitorPage, latency) + id * size_of::<U16>(),
         })
     }
 
     /// The mask to OR into the `pending` word.
     pub fn mask(&self) -> u32 {
         1 << self.bit
+    }
+
+    /// Writes `latency` into this id's latency field inside `word`, the live page's 8-byte word that holds it
+    /// (`latency_offset / 8`), and returns the value it replaces. Atomic with respect to the other fields of the
+    /// word, which the host may be updating at the same time.
+    pub fn exchange_latency(&self, word: &AtomicU64, latency: u16) -> u16 {
+        let shift = (self.latency_offset % 8) * 8;
+        let mask = 0xffffu64 << shift;
+        let mut previous = word.load(Ordering::Acquire);
+        loop {
+            let new = (previous & !mask) | (u64::from(latency) << shift);
+            match word.compare_exchange_weak(previous, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return ((previous & mask) >> shift) as u16,
+                Err(current) => previous = current,
+            }
+        }
     }
 }
 
@@ -149,7 +169,8 @@ mod tests {
             Some(MonitorBit {
                 group: 0,
                 bit: 0,
-                pending_offset: 0x08
+                pending_offset: 0x08,
+                latency_offset: 0x240
             })
         );
         assert_eq!(
@@ -157,7 +178,8 @@ mod tests {
             Some(MonitorBit {
                 group: 1,
                 bit: 1,
-                pending_offset: 0x10
+                pending_offset: 0x10,
+                latency_offset: 0x240 + 2 * 33
             })
         );
         let last = MonitorBit::for_monitor_id(127).unwrap();
@@ -168,10 +190,29 @@ mod tests {
         assert_eq!(MonitorBit::for_monitor_id(128), None);
         assert_eq!(MonitorBit::for_monitor_id(255), None);
 
+        assert_eq!(last.latency_offset, 0x33e);
+
         let mut page = MonitorPage::new_zeroed();
         assert!(page.set_pending(33));
         assert!(!page.set_pending(200));
         assert_eq!(page.trigger_group[1].pending.get(), 0b10);
         assert_eq!(&page.as_bytes()[0x10..0x14], &[2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn latency_is_exchanged_in_place_leaving_its_neighbours() {
+        // Ids 32..36 share the word at 0x280; id 33's u16 is bytes 2..4 of it.
+        let bit = MonitorBit::for_monitor_id(33).unwrap();
+        assert_eq!((bit.latency_offset / 8, bit.latency_offset % 8), (0x280 / 8, 2));
+        let word = AtomicU64::new(0x1111_2222_3333_4444);
+        assert_eq!(bit.exchange_latency(&word, 0xabcd), 0x3333);
+        assert_eq!(word.load(Ordering::Relaxed), 0x1111_2222_abcd_4444);
+        assert_eq!(bit.exchange_latency(&word, 7), 0xabcd);
+
+        // The same offset in a page copy is the id's `latency` element.
+        let mut page = MonitorPage::new_zeroed();
+        page.latency[1][1] = U16::new(0xbeef);
+        let at = bit.latency_offset;
+        assert_eq!(&page.as_bytes()[at..at + 2], &[0xef, 0xbe]);
     }
 }
