@@ -143,6 +143,13 @@ pub trait Kmcl {
     /// signals with HvSignalEvent, which has no latency) or the bus has no monitor page.
     fn channel_set_interrupt_latency(&mut self, channel: ChannelHandle, latency: u16) -> Result<u16>;
 
+    /// `VmbChannelGetMmioSpace`: the MMIO range given to the channel when it opened, `mmio_megabytes` of its
+    /// offer aligned to 1 MiB. `_1` unless the channel has its rings (from `opened` to `closed`);
+    /// [`NtStatus::NOT_FOUND`](super::NtStatus::NOT_FOUND) when the offer asks for no MMIO;
+    /// [`NtStatus::INSUFFICIENT_RESOURCES`](super::NtStatus::INSUFFICIENT_RESOURCES) when the bus has no
+    /// [`MmioAllocator`](super::MmioAllocator) or it had no room.
+    fn channel_mmio_space(&self, channel: ChannelHandle) -> Result<super::MmioRange>;
+
     /// `VmbChannelSizeofPacket`: bytes `packet_initialize` needs.
     fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32>;
 

@@ -39,6 +39,7 @@ use super::channel::{
     MAX_EXTERNAL_CHAIN_LENGTH, MAX_PACKET_SIZE_LIMIT, MAX_RING_PAGES, TargetInterface,
 };
 use super::gpadl::{GpadlFlags, GpadlHandle, PhysicalBuffer};
+use super::mmio::{MIB, MmioAllocator, MmioRange};
 use super::packet::{
     CompletionRoutine, ExternalRange, PacketCompletion, PacketHandle, ProcessPacketFlags, SendFlags, sizeof_packet,
 };
@@ -316,6 +317,8 @@ pub(super) struct KmclChannel<B: Backend> {
     task_only: bool,
     /// The incoming packet whose `process_packet` runs now, and whether it asked to be deferred.
     inline: Option<((u32, u32), bool)>,
+    /// The MMIO space carved for the open client channel (`None` when its offer asks for none or none was free).
+    mmio: Option<MmioRange>,
 }
 
 impl<B: Backend> KmclChannel<B> {
@@ -345,6 +348,7 @@ impl<B: Backend> KmclChannel<B> {
             needs_run: false,
             task_only: false,
             inline: None,
+            mmio: None,
         }
     }
 
@@ -410,6 +414,7 @@ pub struct ClientBackend<T: VmbusTransport, P: InterruptPages, A: RingAllocator>
     pages: P,
     allocator: A,
     pending_events: VecDeque<Event>,
+    mmio: Option<Box<dyn MmioAllocator + Send>>,
 }
 
 /// Where the bus was entered from: the unikernel's counterpart of IRQL (DISPATCH_LEVEL vs PASSIVE_LEVEL).
@@ -519,7 +524,13 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// A bus over a connected `connection` (whose offers were requested: channels bind to the offers it knows and to
     /// those that arrive later), the platform's interrupt pages and a ring allocator.
     pub fn new(connection: Connection<T>, pages: P, allocator: A) -> Self {
-        Engine::with_backend(ClientBackend { connection, pages, allocator, pending_events: VecDeque::new() })
+        Engine::with_backend(ClientBackend {
+            connection,
+            pages,
+            allocator,
+            pending_events: VecDeque::new(),
+            mmio: None,
+        })
     }
 
     /// The VMBus connection.
@@ -535,6 +546,12 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Bus<T, P, A> {
     /// The platform's interrupt pages.
     pub fn pages(&self) -> &P {
         &self.backend.pages
+    }
+
+    /// Where channels whose offer asks for MMIO space get it (`VmbChannelGetMmioSpace`); without one, such
+    /// channels open without MMIO and `channel_mmio_space` reports `INSUFFICIENT_RESOURCES`.
+    pub fn set_mmio_allocator(&mut self, allocator: Option<Box<dyn MmioAllocator + Send>>) {
+        self.backend.mmio = allocator;
     }
 
     /// The ring allocator.
@@ -1327,9 +1344,7 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
                             && o.sub_channel_index > 0
                     }
                 };
-                device
-                    && !claimed.contains(&o.child_relid)
-                    && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
+                device && !claimed.contains(&o.child_relid) && (!pipe || o.flags.contains(OfferFlags::NAMED_PIPE_MODE))
             })
             .cloned();
         let Some(offer) = offer else { return };
@@ -1350,10 +1365,19 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
                 return engine.fail_open(channel, channel_status(&error));
             }
         };
+        let megabytes = u64::from(offer.mmio_megabytes);
+        let mmio = match engine.backend.mmio.as_mut() {
+            Some(allocator) if megabytes > 0 => allocator.allocate(megabytes * MIB, MIB),
+            _ => None,
+        };
+        if megabytes > 0 && mmio.is_none() {
+            log::warn!("kmcl: {channel:?}: relid {relid} asks for {megabytes} MiB of MMIO; none available");
+        }
         let name = match engine.chan_mut(channel) {
             Ok(c) => {
                 c.open = Some(OpenRings { channel: open, lease });
                 c.offer = Some(offer);
+                c.mmio = mmio;
                 c.state = ChannelState::Opened;
                 c.settings.friendly_name.clone()
             }
@@ -1394,6 +1418,9 @@ impl<T: VmbusTransport, P: InterruptPages, A: RingAllocator> Backend for ClientB
         let rescinded = c.rescinded;
         let relid = c.relid();
         let Some(open) = c.open.take() else { return };
+        if let (Some(range), Some(allocator)) = (c.mmio.take(), engine.backend.mmio.as_mut()) {
+            allocator.free(range);
+        }
         let closed = open.channel.close(&mut engine.backend.connection);
         if let Err(error) = &closed {
             log::warn!("kmcl: closing {channel:?}: {error}");
@@ -1725,6 +1752,19 @@ impl<B: Backend> Kmcl for Engine<B> {
         }
         let monitor_id = c.offer.as_ref().and_then(|offer| offer.monitor_id).ok_or(NtStatus::NOT_SUPPORTED)?;
         self.backend.exchange_monitor_latency(monitor_id, latency).ok_or(NtStatus::NOT_SUPPORTED)
+    }
+
+    fn channel_mmio_space(&self, channel: ChannelHandle) -> Result<MmioRange> {
+        let c = self.chan(channel)?;
+        if B::IS_SERVER {
+            // The guest places a server channel's MMIO; the server is not told where.
+            return Err(NtStatus::NOT_SUPPORTED);
+        }
+        let offer = c.offer.as_ref().filter(|_| c.open.is_some()).ok_or(NtStatus::INVALID_PARAMETER_1)?;
+        if offer.mmio_megabytes == 0 {
+            return Err(NtStatus::NOT_FOUND);
+        }
+        c.mmio.ok_or(NtStatus::INSUFFICIENT_RESOURCES)
     }
 
     fn channel_sizeof_packet(&self, channel: ChannelHandle) -> Result<u32> {

@@ -57,7 +57,7 @@
 //! | 6 | `VmbChannelDisable` | [`Kmcl::channel_disable`] | **done** (on a server channel: teardown, then the offer is rescinded and RELID_RELEASED awaited) |
 //! | 7 | `VmbChannelEnable` | [`Kmcl::channel_enable`] | **done** (binds to a matching offer now or when one is offered; on a server channel: offers it, and the guest's open runs the callbacks) |
 //! | 8 | `VmbChannelGetInterfaceInstance` | [`Kmcl::channel_interface_instance`] | **done** |
-//! | 9 | `VmbChannelGetMmioSpace` | `Kmcl::channel_mmio_space` | planned: needs an MMIO range allocator for VMBus devices in the kernel (none yet); the size the device wants is `channel_offer(..).mmio_megabytes` |
+//! | 9 | `VmbChannelGetMmioSpace` | [`Kmcl::channel_mmio_space`] | **done**: the range ([`MmioRange`]) carved at open from the bus's [`MmioAllocator`] for an offer that asks for `mmio_megabytes`; the kernel gives its bus no window yet (it would come from the VMBus ACPI node's `_CRS`, and no driver here needs MMIO), so there the call reports `INSUFFICIENT_RESOURCES` |
 //! | 10 | `VmbChannelGetPointer` | [`Kmcl::channel_pointer`] | **done** (typed context) |
 //! | 11 | `VmbChannelInitSetClientContextSize` | [`Kmcl::channel_init_set_client_context_size`] | **done** (the area: [`Kmcl::packet_client_context`]) |
 //! | 12 | `VmbChannelInitSetFlags` | [`Kmcl::channel_init_set_flags`] | **done** (`IS_PIPE`: binds only to named-pipe offers) |
@@ -153,6 +153,7 @@ pub mod channel;
 pub mod echo;
 pub mod gpadl;
 pub mod handle;
+pub mod mmio;
 pub mod packet;
 pub mod server;
 mod slots;
@@ -167,6 +168,7 @@ pub use channel::{
     ChannelCallbacks, ChannelHandle, ChannelInitFlags, ChannelSettings, ChannelState, Context, TargetInterface,
 };
 pub use gpadl::{GpadlFlags, GpadlHandle, PhysicalBuffer};
+pub use mmio::{MmioAllocator, MmioRange, MmioWindow};
 pub use handle::{
     ContextId, Handle, HandleTable, Handles, KernelHandle, KernelObject, PartitionId, RawHandle, VmbusPartition,
 };

@@ -424,6 +424,41 @@ fn sub_channels_bind_to_their_primarys_sub_channel_offers_once_it_is_open() {
 }
 
 #[test]
+fn mmio_space_is_carved_at_open_and_given_back_at_close() {
+    let wants = |instance: Guid, megabytes: u16| {
+        let mut spec = OfferSpec::new(device_class::HEARTBEAT, instance);
+        spec.mmio_megabytes = megabytes;
+        spec
+    };
+    let (first, second, none) =
+        (INSTANCE, Guid::from_fields(0xEC3, 0, 0, [0; 8]), Guid::from_fields(0xEC4, 0, 0, [0; 8]));
+    let mut w = world_with(&[wants(first, 4), wants(second, 2), wants(none, 0)]);
+    let window = MmioRange { base: 0xf800_0000, size: 5 * mmio::MIB };
+    w.bus.set_mmio_allocator(Some(Box::new(MmioWindow::new(window))));
+    let log = Arc::clone(&w.log);
+    let open = |w: &mut World, instance: Guid| {
+        let channel = w.channel(Recorder::new(&log));
+        w.bus.channel_init_set_target(channel, device_class::HEARTBEAT, Some(instance)).unwrap();
+        assert_eq!(w.bus.channel_mmio_space(channel), Err(NtStatus::INVALID_PARAMETER_1), "not open");
+        w.bus.channel_enable(channel).unwrap();
+        assert_eq!(w.bus.channel_state(channel), Ok(ChannelState::Active));
+        channel
+    };
+    let a = open(&mut w, first);
+    assert_eq!(w.bus.channel_mmio_space(a), Ok(MmioRange { base: 0xf800_0000, size: 4 * mmio::MIB }));
+    let b = open(&mut w, second);
+    assert_eq!(w.bus.channel_mmio_space(b), Err(NtStatus::INSUFFICIENT_RESOURCES), "1 MiB left for 2");
+    let c = open(&mut w, none);
+    assert_eq!(w.bus.channel_mmio_space(c), Err(NtStatus::NOT_FOUND), "the offer asks for none");
+    // Closing gives the space back: the next open gets it.
+    w.bus.channel_disable(a).unwrap();
+    assert_eq!(w.bus.channel_mmio_space(a), Err(NtStatus::INVALID_PARAMETER_1));
+    w.bus.channel_disable(b).unwrap();
+    w.bus.channel_enable(b).unwrap();
+    assert_eq!(w.bus.channel_mmio_space(b), Ok(MmioRange { base: 0xf800_0000, size: 2 * mmio::MIB }));
+}
+
+#[test]
 fn interrupt_latency_is_set_for_a_monitored_open_channel_only() {
     let mut monitored = OfferSpec::new(device_class::HEARTBEAT, INSTANCE);
     monitored.monitored = true;
