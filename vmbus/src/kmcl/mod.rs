@@ -121,8 +121,8 @@
 //! | V2 | `PacketGetClientContext` | [`Kmcl::packet_client_context`] | **done** (the area sized by row 11) |
 //! | V2 | `GetTargetDeviceObject` | [`Kmcl::channel_offer`] | **done**, no device objects: the bound offer identifies the device |
 //! | V2 | `GetParentDeviceObject` | — | no counterpart: no device objects; the parent is the [`Bus`] the channel was allocated on |
-//! | V3 | `InitSetBounceBufferSizes` | `Kmcl::channel_init_set_bounce_buffer_sizes` | planned: `kmcl::channel` (only meaningful in an isolated VM, where the host cannot reach private memory) |
-//! | V3 | `AllocateBounceBuffer` | `Kmcl::channel_allocate_bounce_buffer` | planned: `kmcl::channel` (isolated VMs, as above) |
+//! | V3 | `InitSetBounceBufferSizes` | — | no counterpart: bounce buffers exist for isolated VMs (SNP, TDX), where the host cannot read private guest memory and packets' external data must be copied through shared pages; this kernel runs in ordinary partitions, where the host reaches every page a GPADL or GPA-direct range names |
+//! | V3 | `AllocateBounceBuffer` | — | no counterpart, as above: external data is sent in place ([`Kmcl::packet_send`] with [`ExternalRange`]s) |
 //! | V4 | `InitSetMaximumPacketCount` | [`Kmcl::channel_init_set_maximum_packet_count`] | **done** (bounds the per-channel packet pool) |
 //! | V4 | `CreateGpadlFromPfnList` | [`Kmcl::channel_create_gpadl_from_pfn_list`] | **done** (`READ_ONLY` recorded, [`Kmcl::gpadl_is_read_only`]: GPADL_HEADER has no read-only bit, so the host is not told) |
 //! | V5 | `InitSetPrimaryChannel` | [`Kmcl::channel_init_set_primary_channel`] | **done**: a sub-channel binds, once its primary is open, to a free sub-channel offer (index > 0) of the primary's interface type and instance; asking the host for sub-channels is the device protocol's business |
