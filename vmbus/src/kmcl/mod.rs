@@ -4,7 +4,7 @@
 //! and the two seed pages (`VmbPacketInitialize`, `VmbConvertVmbusHandleToKernelHandle`). A Windows driver author
 //! should find every KMCL function here under a recognisable name; the table below says where.
 //!
-//! Built so far:
+//! What is here:
 //! - [`status`]: [`NtStatus`], the NTSTATUS value every KMCL function reports, and the [`Result`] convention of
 //!   this layer (`Ok` = `STATUS_SUCCESS`; `Err` = the status the Windows page documents for that failure).
 //! - [`handle`]: handle tables (per context and the kernel's) with generation-checked handles, and
@@ -42,9 +42,8 @@
 //!   parameter of the Windows function); nothing panics. Each method's documentation lists its statuses.
 //!
 //! # Mapping of the Windows API
-//! Status: **done** (built and covered by tests in `kmcl::tests`; the server side by `vmbus/tests/kmcl_server.rs`),
-//! **planned: `<where>`** (the intended Rust name and module, to be built), or **no counterpart: …** (what a
-//! unikernel driver uses instead).
+//! Status: **done** (built and covered by tests in `kmcl::tests`; the server side by `vmbus/tests/kmcl_server.rs`)
+//! or **no counterpart: …** (why, and what a unikernel driver uses instead). No row is left planned.
 //!
 //! ## Client interface (`KMCL_CLIENT_INTERFACE_V1`, 41 entries in interface order)
 //! | # | Windows | Rust ([`Kmcl`] methods) | status |
@@ -57,7 +56,7 @@
 //! | 6 | `VmbChannelDisable` | [`Kmcl::channel_disable`] | **done** (on a server channel: teardown, then the offer is rescinded and RELID_RELEASED awaited) |
 //! | 7 | `VmbChannelEnable` | [`Kmcl::channel_enable`] | **done** (binds to a matching offer now or when one is offered; on a server channel: offers it, and the guest's open runs the callbacks) |
 //! | 8 | `VmbChannelGetInterfaceInstance` | [`Kmcl::channel_interface_instance`] | **done** |
-//! | 9 | `VmbChannelGetMmioSpace` | [`Kmcl::channel_mmio_space`] | **done**: the range ([`MmioRange`]) carved at open from the bus's [`MmioAllocator`] for an offer that asks for `mmio_megabytes`; the kernel gives its bus no window yet (it would come from the VMBus ACPI node's `_CRS`, and no driver here needs MMIO), so there the call reports `INSUFFICIENT_RESOURCES` |
+//! | 9 | `VmbChannelGetMmioSpace` | [`Kmcl::channel_mmio_space`] | **done**: the range ([`MmioRange`]) carved at open from the bus's [`MmioAllocator`] for an offer that asks for `mmio_megabytes`; the kernel gives its bus no window yet (it would come from the VMBus ACPI node's `_CRS`, and no driver here needs MMIO), so there the call reports `INSUFFICIENT_RESOURCES`; on a server channel `NOT_SUPPORTED` (the guest places the MMIO, the server is not told where) |
 //! | 10 | `VmbChannelGetPointer` | [`Kmcl::channel_pointer`] | **done** (typed context) |
 //! | 11 | `VmbChannelInitSetClientContextSize` | [`Kmcl::channel_init_set_client_context_size`] | **done** (the area: [`Kmcl::packet_client_context`]) |
 //! | 12 | `VmbChannelInitSetFlags` | [`Kmcl::channel_init_set_flags`] | **done** (`IS_PIPE`: binds only to named-pipe offers) |
@@ -73,7 +72,7 @@
 //! | 22 | `VmbChannelPause` | [`Kmcl::channel_pause`] | **done**; it does not wait for outstanding incoming packets (one thread: the driver completes them in `suspend`) |
 //! | 23 | `VmbChannelSendSynchronousRequest` | [`Kmcl::channel_send_synchronous_request`] | **done** (timeout → `CANCELLED`, as Windows cancels the packet at its timeout) |
 //! | 24 | `VmbChannelSetIncomingProcessingAtPassive` | [`Kmcl::channel_set_incoming_processing_in_task`] | **done** (IRQL becomes interrupt vs task context) |
-//! | 25 | `VmbChannelSetInterruptLatency` | [`Kmcl::channel_set_interrupt_latency`] | **done**: the monitored channel's latency (100 ns units) in the guest → host monitor page, the previous value returned; `NOT_SUPPORTED` for an event-signalled channel |
+//! | 25 | `VmbChannelSetInterruptLatency` | [`Kmcl::channel_set_interrupt_latency`] | **done**: the monitored channel's latency (100 ns units) in the guest → host monitor page, the previous value returned; `NOT_SUPPORTED` for an event-signalled channel and for server channels (the host end has no monitor page of its own to write) |
 //! | 26 | `VmbChannelSetPointer` | [`Kmcl::channel_set_pointer`] | **done** |
 //! | 27 | `VmbChannelSetTransactionQuota` | [`Kmcl::channel_set_transaction_quota`] | **done** (a blocked queue restarts on completion) |
 //! | 28 | `VmbChannelSizeofPacket` | [`Kmcl::channel_sizeof_packet`] | **done** ([`packet::sizeof_packet`]) |
