@@ -471,6 +471,11 @@ fn every_server_only_rule_returns_its_documented_status() {
             Err(NtStatus::INVALID_PARAMETER_1)
         );
         assert_eq!(server.channel_init_set_target_vp(channel, 0), Err(NtStatus::INVALID_PARAMETER_1));
+        let primary = server.channel_allocate().unwrap();
+        assert_eq!(server.channel_init_set_primary_channel(channel, primary), Err(NtStatus::INVALID_PARAMETER_1));
+        server.channel_cleanup(primary).unwrap();
+        // The guest places a server channel's MMIO, and the host end has no monitor page of its own.
+        assert_eq!(server.channel_mmio_space(channel), Err(NtStatus::NOT_SUPPORTED));
         assert_eq!(server.channel_enable(channel), Err(NtStatus::INVALID_PARAMETER_1), "no callbacks yet");
         let log = Arc::new(Mutex::new(ServerLog::default()));
         server.channel_init_set_callbacks(channel, Box::new(ServerEcho { log, refuse_open: None })).unwrap();
