@@ -13,6 +13,7 @@ use spin::Mutex;
 use vmbus::client::{ConnectOptions, Connection, VmbusTransport};
 use vmbus::hv::hypercall::{Delay, HvError, Hypercalls};
 use vmbus::kmcl::echo::{ECHO_INTERFACE_TYPE, ECHO_VERSION, EchoDriver, EchoState};
+use vmbus::kmcl::echo_server::EchoServer;
 use vmbus::kmcl::{
     Bus, ChannelCallbacks, ChannelHandle, ChannelState, ContextId, GpadlFlags, Handles, KernelHandle, KernelObject,
     Kmcl, KmclServer, NtStatus, PacketCompletion, PacketSaveRestore, PartitionId, ProcessPacketFlags, RestoreProgress,
@@ -319,6 +320,153 @@ fn packets_completions_and_synchronous_requests_flow_both_ways() {
     let stats = rig.server(|s| s.stats());
     assert_eq!((stats.unknown_completions, stats.ring_errors, stats.oversized_packets), (0, 0, 0));
     assert!(stats.delivered >= 3, "hello, ping and the echoed packet: {stats:?}");
+}
+
+/// The crate's own server echo driver (`kmcl::echo_server::EchoServer`) against the client `EchoDriver`: the hello
+/// negotiates `ECHO_VERSION`, pings of every size come back byte for byte, one-way packets are counted and not
+/// answered, and the counts, the close and the reopen are what the two ends did.
+#[test]
+fn the_echo_server_driver_answers_the_echo_client_driver() {
+    const ROUND_TRIPS: usize = 200;
+    let rig = Rig::new();
+    let (channel, state) = rig.server(|server| EchoServer::start(server, instance(9))).unwrap();
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Enabled));
+    rig.pump(2);
+    let (guest_channel, echo) = rig.start_echo(instance(9));
+    rig.pump(2);
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION), "the hello was answered: {:?}", echo.lock());
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Ok(ChannelState::Active));
+    {
+        let state = state.lock();
+        assert_eq!((state.opens, state.hellos, state.refused_hellos), (1, 1, 0));
+        assert_eq!(state.version, Some(ECHO_VERSION));
+        assert_eq!(state.events, ["opened", "started", "post_started"]);
+    }
+
+    // Round trips of 8..=512 bytes (multiples of 8: the ring pads payloads to 8 bytes), each answered in full.
+    let mut bytes = 0u64;
+    for i in 0..ROUND_TRIPS {
+        let len = 8 * (1 + i % 64);
+        let payload: Vec<u8> = (0..len).map(|b| (b + i) as u8).collect();
+        let mut answer = [0u8; 512];
+        let got = rig.guest(|g| EchoDriver::ping(g, guest_channel, &payload, &mut answer)).unwrap();
+        assert_eq!(&answer[..got], &payload[..], "round trip {i}");
+        bytes += len as u64;
+    }
+    // A payload that looks like a hello after negotiation is echoed, not taken for a hello.
+    let hello_like = *b"ECHO\x07\0\0\0";
+    let mut answer = [0u8; 8];
+    let got = rig.guest(|g| EchoDriver::ping(g, guest_channel, &hello_like, &mut answer)).unwrap();
+    assert_eq!(&answer[..got], &hello_like);
+    // A packet asking for no completion is counted, not answered.
+    rig.guest(|g| {
+        let packet = g.packet_allocate(guest_channel)?;
+        g.packet_send(packet, b"one way!", None, SendFlags::NONE)
+    })
+    .unwrap();
+    rig.pump(3);
+    {
+        let state = state.lock();
+        assert_eq!(state.packets, ROUND_TRIPS as u64 + 1);
+        assert_eq!(state.bytes, bytes + 8);
+        assert_eq!((state.one_way, state.failures, state.hellos), (1, 0, 1));
+        assert!(state.summary().contains(&format!("{} packets, {} bytes echoed", ROUND_TRIPS + 1, bytes + 8)));
+    }
+    assert_eq!(echo.lock().echoed, 0, "the server sent no packet of its own");
+
+    // The guest closes and reopens: the server counts both and negotiates again.
+    rig.guest(|g| EchoDriver::stop(g, guest_channel)).unwrap();
+    rig.pump(3);
+    assert_eq!(state.lock().closes, 1);
+    assert_eq!(state.lock().version, None);
+    let (guest_channel, echo) = rig.start_echo(instance(9));
+    rig.pump(2);
+    assert_eq!(echo.lock().version, Some(ECHO_VERSION));
+    let seen = state.lock().clone();
+    assert_eq!((seen.opens, seen.hellos), (2, 2));
+
+    // The server takes the device away: the guest's channel closes, the offer is rescinded.
+    rig.server(|s| EchoServer::stop(s, channel)).unwrap();
+    assert_eq!(state.lock().closes, 2);
+    let events = state.lock().events.clone();
+    assert_eq!(events[events.len() - 2..], ["suspend", "closed"]);
+    assert_eq!(rig.guest(|g| g.channel_state(guest_channel)), Ok(ChannelState::Closed));
+    assert_eq!(rig.server(|s| s.channel_state(channel)), Err(NtStatus::INVALID_PARAMETER_1), "cleaned up");
+}
+
+/// A hello asking for another version is refused with 0, and `EchoServer::start` needs a server's KMCL.
+#[test]
+fn the_echo_server_refuses_other_versions_and_needs_a_server_bus() {
+    let rig = Rig::new();
+    let (_channel, state) = rig.server(|server| EchoServer::start(server, instance(10))).unwrap();
+    rig.pump(2);
+    // A bare guest channel (no negotiation of its own) sends a hello for version 2.
+    let guest_channel = rig.guest(|g| {
+        let channel = g.channel_allocate()?;
+        g.channel_init_set_maximum_packet_size(channel, 512)?;
+        g.channel_init_set_callbacks(channel, Box::new(Silent))?;
+        g.channel_init_set_target(channel, ECHO_INTERFACE_TYPE, Some(instance(10)))?;
+        g.channel_enable(channel)?;
+        Ok::<_, NtStatus>(channel)
+    });
+    let guest_channel = guest_channel.unwrap();
+    rig.pump(2);
+    let mut hello = [0u8; 8];
+    hello[..4].copy_from_slice(b"ECHO");
+    hello[4..].copy_from_slice(&2u32.to_le_bytes());
+    let mut answer = [0xffu8; 8];
+    let got = rig
+        .guest(|g| {
+            g.channel_send_synchronous_request(
+                guest_channel,
+                &hello,
+                None,
+                SendFlags::WAIT_FOR_COMPLETION,
+                Some(&mut answer),
+                Some(50_000_000),
+            )
+        })
+        .unwrap();
+    assert!(got >= 4);
+    assert_eq!(&answer[..4], &0u32.to_le_bytes(), "version 2 refused");
+    let seen = state.lock().clone();
+    assert_eq!((seen.hellos, seen.refused_hellos, seen.version), (0, 1, None));
+    // Not negotiated: a packet that is no hello is still echoed.
+    let mut answer = [0u8; 8];
+    let got = rig
+        .guest(|g| {
+            g.channel_send_synchronous_request(
+                guest_channel,
+                b"PING1234",
+                None,
+                SendFlags::WAIT_FOR_COMPLETION,
+                Some(&mut answer),
+                Some(50_000_000),
+            )
+        })
+        .unwrap();
+    assert_eq!(&answer[..got], b"PING1234");
+    let seen = state.lock().clone();
+    assert_eq!((seen.packets, seen.version), (1, None));
+
+    // On a client bus there are no server channels to offer.
+    assert_eq!(rig.guest(|g| EchoServer::start(g, instance(11)).map(|_| ())), Err(NtStatus::NOT_SUPPORTED));
+}
+
+/// A guest driver that completes what it gets and does nothing else.
+struct Silent;
+
+impl ChannelCallbacks for Silent {
+    fn process_packet(
+        &mut self,
+        kmcl: &mut dyn Kmcl,
+        _channel: ChannelHandle,
+        packet: PacketCompletion,
+        _buffer: &[u8],
+        _flags: ProcessPacketFlags,
+    ) {
+        let _ = kmcl.packet_complete(packet, &[]);
+    }
 }
 
 #[test]

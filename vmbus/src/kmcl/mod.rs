@@ -19,6 +19,8 @@
 //!   ([`crate::server`], through a [`ServerTransport`]), with server channels (`VmbChannelAllocate(IsServer =
 //!   TRUE)`), the server lifecycle (enable offers, the guest's open and close drive the callbacks, disable
 //!   rescinds) and the server-only methods ([`KmclServer`]).
+//! - [`echo_server`]: the example device's end of [`echo`], written only against [`Kmcl`] and [`KmclServer`], the
+//!   starting point for a new server driver.
 //!
 //! # Conventions
 //! - A `VMBCHANNEL` is a [`ChannelHandle`], a `VMBPACKET` a [`PacketHandle`], a `VMBPACKETCOMPLETION` a
@@ -150,6 +152,7 @@ pub mod api;
 pub mod bus;
 pub mod channel;
 pub mod echo;
+pub mod echo_server;
 pub mod gpadl;
 pub mod handle;
 pub mod mmio;
