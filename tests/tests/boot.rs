@@ -6,7 +6,8 @@ use tests::{KtestSummary, boot_kernel, ktest_summary, ktest_verdicts};
 /// The main job under QEMU TCG (issue 8 §6–7): no Hyper-V, so the kernel runs its own VMBus host in loopback with
 /// the integration services' device models; the table lists the four offers bound to their drivers, heartbeats are
 /// answered, a timesync sample from the RTC sets the wall clock, KVP answers the host's pool query, and the host's
-/// shutdown request ends in an ACPI power-off (QEMU reports a guest shutdown, not a debug-exit status).
+/// shutdown request ends in an ACPI power-off (QEMU reports a guest shutdown, not a debug-exit status). The example
+/// echo device runs with KMCL at both ends (the host's KMCL server, the guest's client): 1000 round trips and more.
 #[test]
 fn main_job_serves_the_loopback_services_until_the_host_shuts_it_down() {
     let tcg = boot::accel::Accel::Tcg { reason: "the boot test asks for TCG".into() };
@@ -47,6 +48,26 @@ fn main_job_serves_the_loopback_services_until_the_host_shuts_it_down() {
     );
     let driver = last("driver dynamic memory:").expect("no Dynamic Memory driver status");
     assert!(driver.contains("given 2048, returned 2048"), "{driver}");
+    // The example echo device with KMCL at both ends: the host's KMCL server offers it, the guest's client binds it,
+    // negotiates version 1 and makes 1000 round trips of 64 bytes at once, then one a second.
+    let row = log
+        .lines()
+        .find(|line| line.contains("6563686f-0001-4b4d-434c-00000000006b"))
+        .unwrap_or_else(|| panic!("no echo row in the offer table:\n{log}"));
+    assert!(row.trim_end().ends_with("bound"), "the echo device has no driver: {row}");
+    let echo = last("driver echo (KMCL both ends):").expect("no echo status");
+    assert!(echo.contains("version 1 negotiated"), "{echo}");
+    assert!(echo.contains("(first 1000 in ") && echo.contains(" 0 failed,"), "{echo}");
+    let count = |after: &str| -> u64 {
+        let start = echo.find(after).unwrap_or_else(|| panic!("no `{after}` in {echo}")) + after.len();
+        echo[start..].split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).expect(&echo)
+    };
+    let round_trips = count("negotiated, ");
+    assert!(round_trips >= 1000, "{echo}");
+    assert_eq!(count("server saw "), round_trips, "{echo}");
+    assert_eq!(count("packets, "), 64 * round_trips, "{echo}");
+    let server = last("loopback host: echo (KMCL server):").expect("no echo server report");
+    assert!(server.contains("1 open(s), 1 hello(s) (0 refused)") && server.contains(" 0 failures"), "{server}");
 }
 
 #[test]

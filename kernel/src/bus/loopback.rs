@@ -11,6 +11,9 @@
 //!   turn sends a self-IPI to [`LOOPBACK_VECTOR`], whose handler marks the bus pending, and [`dispatch`] then hands
 //!   the signalled relids (the simulated event flags) to [`Bus::process_interrupt`]. Between turns the CPU halts
 //!   until the next interrupt: that IPI, or the kernel timer the caller keeps running.
+//! - Host-side drivers can be KMCL server drivers: a [`LoopbackServerBus`] (the `vmbus` crate's
+//!   [`vmbus::kmcl::ServerBus`] over the same host) runs in the host's turn through [`server_turn`], so both ends of
+//!   a channel are KMCL drivers.
 
 use super::BusError;
 use crate::arch::{apic, interrupts};
@@ -19,7 +22,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use spin::Mutex;
 use vmbus::client::{ConnectOptions, Connection, VmbusTransport};
 use vmbus::hv::hypercall::{Delay, HvError, Hypercalls};
-use vmbus::kmcl::Bus;
+use vmbus::kmcl::{Bus, ServerBus};
 use vmbus::memory::{ArenaInterruptPages, ArenaRingAllocator, PAGE_SIZE, PageArena};
 use vmbus::protocol::{MAX_MESSAGE_SIZE, VMBUS_MESSAGE_SINT};
 use vmbus::server::ServerConfig;
@@ -131,6 +134,25 @@ impl VmbusTransport for LoopbackTransport {
 
 /// The KMCL bus on the loopback host.
 pub type LoopbackKmclBus = Bus<LoopbackTransport, ArenaInterruptPages, ArenaRingAllocator>;
+
+/// The KMCL server bus on the loopback host: the host's end of the channels its server drivers offer.
+pub type LoopbackServerBus = ServerBus<&'static LoopbackBus>;
+
+/// The server bus's part of a host turn (call it from the [`HostTurn`]): the channels the guest signalled, then the
+/// control side (the guest's opens and closes) and every open channel's rings. Skipped while the server bus is busy
+/// (a host turn that runs inside one of its own waits).
+///
+/// [`LoopbackBus::take_signalled_channels`] drains the guest's signals of every channel, the device models' too:
+/// that is safe because the device models ([`vmbus::server::devices::DeviceHost`],
+/// [`vmbus::server::dm_host::DmHost`]) never look at signals — they read their rings in every turn — and the server
+/// bus ignores relids that are not its own.
+pub fn server_turn(server: &Mutex<Option<LoopbackServerBus>>, host: &'static LoopbackBus) -> u64 {
+    let Some(mut slot) = server.try_lock() else { return 0 };
+    let Some(server) = slot.as_mut() else { return 0 };
+    let signalled = host.take_signalled_channels();
+    let delivered = if signalled.is_empty() { 0 } else { server.process_interrupt(&signalled) };
+    delivered + server.poll()
+}
 
 /// Builds the in-kernel host with `config`, lets `offer` make its offers (before the guest connects, as a host's
 /// devices exist at boot), connects the guest side, takes the offers and returns the KMCL bus. `devices` runs in
