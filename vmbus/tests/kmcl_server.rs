@@ -1,8 +1,9 @@
 //! The server side of the KMCL (`vmbus::kmcl::server`) against the guest's KMCL on the two ends of one
 //! `LoopbackBus` with guest memory: a server echo driver written only against `Kmcl`/`KmclServer`, and the example
-//! client driver `kmcl::echo` in the guest. Packets and completions both ways, synchronous requests from the
-//! server, the callback order on both ends, guest close and reopen, server disable (rescind), the server-only
-//! statuses, and 64 server channels at once.
+//! client driver `kmcl::echo` in the guest; then the crate's own server driver `kmcl::echo_server::EchoServer`
+//! against the same client (negotiation, round trips, counts, a refused version). Packets and completions both
+//! ways, synchronous requests from the server, the callback order on both ends, guest close and reopen, server
+//! disable (rescind), the server-only statuses, and 64 server channels at once.
 //!
 //! One thread plays both ends: each end's waits give the other end a turn (the guest's transport runs the server
 //! bus in `wait`, the server's idle hook runs the guest bus), through `try_lock`, so an end never re-enters itself.
