@@ -55,6 +55,7 @@ fn main_job_serves_the_loopback_services_until_the_host_shuts_it_down() {
         .find(|line| line.contains("6563686f-0001-4b4d-434c-00000000006b"))
         .unwrap_or_else(|| panic!("no echo row in the offer table:\n{log}"));
     assert!(row.trim_end().ends_with("bound"), "the echo device has no driver: {row}");
+    assert!(row.contains("echo (example)"), "the echo class is named in the table: {row}");
     let echo = last("driver echo (KMCL both ends):").expect("no echo status");
     assert!(echo.contains("version 1 negotiated"), "{echo}");
     assert!(echo.contains("(first 1000 in ") && echo.contains(" 0 failed,"), "{echo}");

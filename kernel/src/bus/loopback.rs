@@ -71,10 +71,10 @@ impl LoopbackTransport {
     pub fn host_turn(&self) {
         self.bus.run_host();
         // A device model that waits for the guest would re-enter here through the guest's wait: skip it then.
-        if let Some(mut devices) = self.devices.try_lock() {
-            if let Some(turn) = devices.as_mut() {
-                turn(self.bus);
-            }
+        if let Some(mut devices) = self.devices.try_lock()
+            && let Some(turn) = devices.as_mut()
+        {
+            turn(self.bus);
         }
         self.bus.run_host();
         if self.bus.hypervisor().take_interrupts(VMBUS_MESSAGE_SINT) > 0

@@ -151,6 +151,8 @@ pub fn offer_table<'a>(offers: impl IntoIterator<Item = &'a Offer>, has_driver: 
         };
         let class = match offer.class_name() {
             Some(name) => String::from(name),
+            // Not a Hyper-V class: the `vmbus` crate's example device (served by the loopback host).
+            None if offer.interface_type == vmbus::kmcl::echo::ECHO_INTERFACE_TYPE => String::from("echo (example)"),
             None => format!("unknown {}", offer.interface_type),
         };
         let _ = writeln!(
