@@ -29,7 +29,7 @@ fn main_job_serves_the_loopback_services_until_the_host_shuts_it_down() {
             .unwrap_or_else(|| panic!("no {class} row in the offer table:\n{log}"));
         assert!(row.trim_end().ends_with("bound"), "{class} has no driver: {row}");
     }
-    let last = |prefix: &str| log.lines().filter(|line| line.starts_with(prefix)).last().map(str::to_owned);
+    let last = |prefix: &str| log.lines().rfind(|line| line.starts_with(prefix)).map(str::to_owned);
     let heartbeat = last("driver heartbeat:").expect("no heartbeat status");
     assert!(heartbeat.contains("heartbeats answered") && !heartbeat.contains(" 0 heartbeats answered"), "{heartbeat}");
     let timesync = last("driver timesync:").expect("no timesync status");

@@ -238,8 +238,7 @@ fn dynamic_memory_balloons_and_unballoons_on_qemus_host() {
     let full = 512 * MIB;
     let half = full / 2;
     let image = tests::make_image("real-host-balloon", Some("mode=balloon seconds=100"));
-    let mut options = RunOptions::default();
-    options.time_limit = Duration::from_secs(400);
+    let options = RunOptions { time_limit: Duration::from_secs(400), ..RunOptions::default() };
     let started = std::time::Instant::now();
     let actual = |qmp: &mut rig::qmp::Qmp| -> Result<i64, rig::RunError> {
         let answer = qmp.execute("query-balloon", None, Duration::from_secs(30))?;
