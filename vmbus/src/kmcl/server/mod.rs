@@ -58,9 +58,8 @@
 //! the offer (and the guest's open) over — for a server driver that restarts while the guest keeps its channel.
 
 use super::api::Kmcl;
-use super::bus::{Backend, EndError, Engine, KmclChannel, MAX_FRIENDLY_NAME_LEN};
+use super::bus::{Backend, EndError, Engine};
 use super::channel::{ChannelHandle, ChannelState, TargetInterface};
-use super::channel::{MAX_CLIENT_CONTEXT_SIZE, MAX_EXTERNAL_CHAIN_LENGTH, MAX_PACKET_SIZE_LIMIT};
 use super::gpadl::{GpadlFlags, GpadlHandle};
 use super::handle::{Handles, KernelHandle, PartitionId};
 use super::packet::PacketCompletion;
@@ -862,48 +861,51 @@ fn external_status(error: MemoryError) -> NtStatus {
     }
 }
 
-/// Takes a restored channel's settings after the checks the `InitSet*` functions make (`_2` for any they refuse),
-/// and keeps the rest for `channel_enable`.
-fn apply_saved<S: ServerTransport>(c: &mut KmclChannel<ServerBackend<S>>, saved: SavedChannel) -> Result<()> {
-    let bad = NtStatus::INVALID_PARAMETER_2;
-    let (data_size, chain) = saved.maximum_external_data;
-    let external_ok = (data_size, chain) == (0, 0)
-        || (data_size != 0
-            && chain != 0
-            && chain <= MAX_EXTERNAL_CHAIN_LENGTH
-            && u64::from(chain) >= u64::from(data_size).div_ceil(4096));
-    let valid = saved.flags & !ServerChannelFlags::ALL.0 == 0
-        && saved.target_vtl == 0
-        && (saved.pipe_mode == PIPE_MODE_BYTE || saved.pipe_mode == PIPE_MODE_MESSAGE)
-        && saved.user_data.len() <= USER_DEFINED_SIZE
-        && (1..=MAX_PACKET_SIZE_LIMIT).contains(&saved.maximum_packet_size)
-        && saved.client_context_size <= MAX_CLIENT_CONTEXT_SIZE
-        && saved.maximum_packet_count != 0
-        && saved.friendly_name.len() <= MAX_FRIENDLY_NAME_LEN
-        && external_ok;
-    if !valid {
-        return Err(bad);
+impl<S: ServerTransport> ServerBus<S> {
+    /// Takes a restored channel's settings through the `InitSet*` functions, so a saved value passes exactly the
+    /// checks a driver's call would (`_2` for any refused, and then none is taken), and keeps the rest for
+    /// `channel_enable`.
+    fn apply_saved(&mut self, channel: ChannelHandle, saved: SavedChannel) -> Result<()> {
+        let c = self.chan(channel)?;
+        let before = (c.settings.clone(), c.extra.settings.clone());
+        let applied = self.apply_saved_settings(channel, &saved);
+        let c = self.chan_mut(channel)?;
+        match applied {
+            Ok(()) => {
+                c.extra.restored = Some(saved);
+                Ok(())
+            }
+            Err(_) => {
+                (c.settings, c.extra.settings) = before;
+                Err(NtStatus::INVALID_PARAMETER_2)
+            }
+        }
     }
-    c.settings.target = Some(TargetInterface {
-        interface_type: saved.interface_type,
-        interface_instance: Some(saved.interface_instance),
-    });
-    c.settings.maximum_packet_size = saved.maximum_packet_size;
-    c.settings.maximum_external_data = saved.maximum_external_data;
-    c.settings.client_context_size = saved.client_context_size;
-    c.settings.maximum_packet_count = saved.maximum_packet_count;
-    c.settings.transaction_quota = saved.transaction_quota;
-    c.settings.friendly_name = saved.friendly_name.clone();
-    c.extra.settings = ServerChannelSettings {
-        flags: ServerChannelFlags(saved.flags),
-        mmio_megabytes: saved.mmio_megabytes,
-        partition: saved.partition.map(PartitionId),
-        target_vtl: saved.target_vtl,
-        user_data: saved.user_data.clone(),
-        pipe_mode: saved.pipe_mode,
-    };
-    c.extra.restored = Some(saved);
-    Ok(())
+
+    fn apply_saved_settings(&mut self, channel: ChannelHandle, saved: &SavedChannel) -> Result<()> {
+        self.server_channel_init_set_target_interface_id(channel, saved.interface_type, saved.interface_instance)?;
+        self.server_channel_init_set_flags(channel, ServerChannelFlags(saved.flags))?;
+        self.server_channel_init_set_target_vtl(channel, saved.target_vtl)?;
+        self.server_channel_init_set_pipe_mode(channel, saved.pipe_mode)?;
+        self.server_channel_init_set_offer_user_data(channel, &saved.user_data)?;
+        let (megabytes, optional) = saved.mmio_megabytes;
+        if (megabytes, optional) != (0, 0) {
+            self.server_channel_init_set_mmio_megabytes(channel, megabytes.into(), optional.into())?;
+        }
+        self.channel_init_set_maximum_packet_size(channel, saved.maximum_packet_size)?;
+        let (data_size, chain_length) = saved.maximum_external_data;
+        if (data_size, chain_length) != (0, 0) {
+            self.channel_init_set_maximum_external_data(channel, data_size, chain_length)?;
+        }
+        self.channel_init_set_client_context_size(channel, saved.client_context_size)?;
+        self.channel_init_set_maximum_packet_count(channel, saved.maximum_packet_count)?;
+        self.channel_init_set_friendly_name(channel, &saved.friendly_name)?;
+        // Values no `InitSet*` call refuses: a quota of 0 (no limit), and the partition the saved handle resolved to.
+        let c = self.chan_mut(channel)?;
+        c.settings.transaction_quota = saved.transaction_quota;
+        c.extra.settings.partition = saved.partition.map(PartitionId);
+        Ok(())
+    }
 }
 
 fn memory_status(error: MemoryError) -> NtStatus {
@@ -1132,16 +1134,14 @@ impl<S: ServerTransport> KmclServer for ServerBus<S> {
             return Err(NtStatus::INVALID_PARAMETER_2);
         }
         c.extra.restore_buffer.extend_from_slice(buffer);
-        let outcome = match SavedChannel::announced_len(&c.extra.restore_buffer) {
-            Ok(Some(total)) if c.extra.restore_buffer.len() == total => {
-                SavedChannel::decode(&c.extra.restore_buffer).and_then(|saved| apply_saved(c, saved))
-            }
+        let decoded = match SavedChannel::announced_len(&c.extra.restore_buffer) {
+            Ok(Some(total)) if c.extra.restore_buffer.len() == total => SavedChannel::decode(&c.extra.restore_buffer),
             Ok(Some(total)) if c.extra.restore_buffer.len() > total => Err(NtStatus::INVALID_PARAMETER_2),
             Ok(_) => return Ok(RestoreProgress::MoreChunks),
             Err(status) => Err(status),
         };
         c.extra.restore_buffer = Vec::new();
-        outcome.map(|()| RestoreProgress::Done)
+        self.apply_saved(channel, decoded?).map(|()| RestoreProgress::Done)
     }
 
     fn packet_restore(&mut self, channel: ChannelHandle, library_data: &[u8]) -> Result<PacketCompletion> {
