@@ -638,12 +638,9 @@ impl<B: Backend> Engine<B> {
         self.context
     }
 
+    /// The open channel with this relid.
     pub(super) fn find_relid(&self, relid: u32) -> Option<ChannelHandle> {
-        self.channels.keys().into_iter().map(|(index, generation)| ChannelHandle { index, generation }).find(|handle| {
-            self.channels
-                .get(handle.index, handle.generation)
-                .is_some_and(|c| c.open.is_some() && c.relid() == Some(relid))
-        })
+        self.find_offered(relid).filter(|&handle| self.chan(handle).is_ok_and(|c| c.open.is_some()))
     }
 
     pub(super) fn chan(&self, channel: ChannelHandle) -> Result<&KmclChannel<B>> {
